@@ -1,0 +1,1 @@
+"""Triton kernels of vlscale (installed as ``vlscale.kernels``)."""

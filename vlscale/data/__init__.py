@@ -1,0 +1,1 @@
+"""vlscale.data (being built)."""

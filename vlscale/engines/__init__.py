@@ -1,0 +1,1 @@
+"""vlscale.engines (being built)."""

@@ -1,0 +1,1 @@
+"""vlscale.eval (being built)."""

@@ -1,0 +1,1 @@
+"""vlscale.gradcache (being built)."""

@@ -1,0 +1,1 @@
+"""vlscale.loss (being built)."""

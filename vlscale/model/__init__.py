@@ -1,0 +1,1 @@
+"""vlscale.model (being built)."""
