@@ -1,1 +1,35 @@
-"""vlscale.loss (being built)."""
+"""vlscale.loss: the contrastive losses (fused Triton, chunked torch, reference) and their backends.
+
+``contrastive_loss`` (symmetric CLIP loss), ``info_nce`` (one direction, extra negatives),
+``ContrastiveLoss`` (module form), ``get_backend``. See :mod:`vlscale.loss.contrastive` for the math
+and the seam the distributed loss plugs into.
+"""
+
+from vlscale.loss.backend import LossBackend, ReferenceBackend
+from vlscale.loss.backends import get_backend
+from vlscale.loss.chunked import ChunkedBackend
+from vlscale.loss.contrastive import (
+    ContrastiveLoss,
+    LocalComm,
+    LossPlan,
+    contrastive_loss,
+    fused_loss,
+    info_nce,
+    one_way_plan,
+    symmetric_plan,
+)
+
+__all__ = [
+    "ChunkedBackend",
+    "ContrastiveLoss",
+    "LocalComm",
+    "LossBackend",
+    "LossPlan",
+    "ReferenceBackend",
+    "contrastive_loss",
+    "fused_loss",
+    "get_backend",
+    "info_nce",
+    "one_way_plan",
+    "symmetric_plan",
+]

@@ -4,10 +4,11 @@ A *backend* (``reference``, ``chunked``, ``triton``) knows how to do exactly two
 similarity matrix ``S = s · Q · Kᵀ`` (Q: M×D rows, K: N×D columns) without the caller ever
 seeing S:
 
-``lse(q, k, scale)``
+``lse(q, k, scale, *, need_col=True)``
     row log-sum-exp ``r_i = log Σ_j exp(S_ij)`` (M,) and column log-sum-exp
-    ``c_j = log Σ_i exp(S_ij)`` (N,), both fp32. Over the rows *given* (in the distributed loss the
-    column statistics are partial and are merged across ranks afterwards).
+    ``c_j = log Σ_i exp(S_ij)`` (N,), both fp32, from ONE pass over S. Over the rows *given* (in the
+    distributed loss the column statistics are partial and are merged across ranks afterwards).
+    ``need_col=False`` returns ``None`` for the columns (one-way losses, extra negatives).
 
 ``grad(q, k, scale, row_lse, col_lse, row_coef, col_coef)``
     the dense part of the gradient. With
@@ -34,7 +35,7 @@ class LossBackend(Protocol):
 
     name: str
 
-    def lse(self, q: Tensor, k: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]: ...
+    def lse(self, q: Tensor, k: Tensor, scale: Tensor, *, need_col: bool = True) -> tuple[Tensor, Tensor | None]: ...
 
     def grad(
         self,
@@ -63,9 +64,9 @@ class ReferenceBackend:
     def _acc(q: Tensor) -> torch.dtype:
         return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def lse(self, q: Tensor, k: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    def lse(self, q: Tensor, k: Tensor, scale: Tensor, *, need_col: bool = True) -> tuple[Tensor, Tensor | None]:
         s = _scaled_logits(q, k, scale, self._acc(q))
-        return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+        return torch.logsumexp(s, dim=1), (torch.logsumexp(s, dim=0) if need_col else None)
 
     def grad(
         self,

@@ -1,1 +1,9 @@
-"""vlscale.train (being built)."""
+"""vlscale.train: the training loop, checkpoints and the ``vlscale train`` command.
+
+``python -m vlscale.train --recipe tiny-cpu key=value ...`` (under ``deepspeed --num_gpus N
+--module`` or ``torchrun``) → :func:`vlscale.train.cli.main` → :class:`~vlscale.train.trainer.Trainer`.
+Submodules: ``trainer`` (the loop), ``checkpoint`` (atomic engine checkpoints + resume),
+``dsconfig`` (the DeepSpeed JSON), ``optim`` (AdamW + cosine), ``losses`` (the objective),
+``evaluate`` (retrieval during training), ``metrics`` (JSONL / TensorBoard / tqdm), ``runtime``.
+Importing this package imports none of them (the CLI stays light).
+"""

@@ -1,0 +1,225 @@
+"""Spawned workers for the engine tests (DeepSpeed ZeRO 0–3, FSDP2, local all-reduce / DDP).
+
+Each worker runs several cases in one process group (DeepSpeed start-up costs seconds on this
+machine) and writes, from rank 0, one JSON of per-case results — worst relative errors taken
+over all ranks — for the test to assert on. Every case compares the engine's gradient-cached
+step with :func:`helpers_gradcache.reference_step` on a plain fp32 copy of the model (same seed,
+same chunks, hence the same dropout masks), gradients averaged over ranks as the engines do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from helpers_gradcache import (
+    TinyDualEncoder,
+    average_grads,
+    clip_loss,
+    make_batch,
+    max_rel_err,
+    reference_step,
+)
+
+from vlscale.engines import build_engine
+from vlscale.gradcache import GradCache
+
+SIZES = {"image": 4, "text": 3}
+LOCAL_BATCH = 10  # chunks 4,4,2 (image) and 3,3,3,1 (text)
+LR = 0.1
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def _finish() -> None:
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worst(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def ds_config(stage: int, *, dtype: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": LOCAL_BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "hysteresis": 1, "loss_scale_window": 1000}
+    elif dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    cfg.update(extra or {})
+    return cfg
+
+
+def _full_grads(engine: Any) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    return {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+
+
+def _full_params(engine: Any) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[n] = (full if full is not None else p).detach().clone()
+    return out
+
+
+def _present(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict | None = None) -> dict:
+    """Cached ZeRO step vs the plain reference: gradients, then parameters after AdamW."""
+    torch.manual_seed(0)
+    model = TinyDualEncoder(**(model_kw or {}))
+    ref = copy.deepcopy(model)
+    engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+                          ds_config=ds_config(stage), coalesce=coalesce)
+    inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
+    torch.manual_seed(100 + rank)
+    res = GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)
+    grads = _full_grads(engine)
+    torch.manual_seed(100 + rank)
+    ref_loss = reference_step(ref, inputs, SIZES)
+    average_grads(ref)
+    grad_err, grad_at = max_rel_err(grads, _present(ref))
+    applied = engine.optimizer_step()
+    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=1e-2).step()
+    param_err, param_at = max_rel_err(_full_params(engine), {n: p.detach() for n, p in ref.named_parameters()})
+    return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
+            "loss_err": _worst(abs(float(res.loss) - float(ref_loss))), "applied": applied,
+            "coalescing": engine.coalescing}
+
+
+def fp16_overflow_case(rank: int) -> dict:
+    """An fp16 overflow (injected by a huge loss multiplier) is skipped, and the loss scale drops,
+    exactly as in a plain DeepSpeed step; the next, normal step is applied by both alike."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True  # CPU fp16 kernels exist; DS is just cautious
+    result: dict[str, Any] = {}
+    runs = {}
+    for name, chunk in (("cached", SIZES), ("plain", None)):
+        torch.manual_seed(0)
+        model = TinyDualEncoder(drop=0.0, drop_path=0.0)  # same function for both step kinds
+        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+                              ds_config=ds_config(2, dtype="fp16"))
+        gc = GradCache(engine, chunk_sizes=chunk or {})
+        before = _full_params(engine)
+        scale0 = engine.loss_scale
+        gc.step(make_batch(LOCAL_BATCH, seed=10 + rank), lambda e: clip_loss(e, 1e6))
+        applied1 = engine.optimizer_step()
+        unchanged = max_rel_err(_full_params(engine), before)[0] == 0.0
+        scale1 = engine.loss_scale
+        gc.step(make_batch(LOCAL_BATCH, seed=20 + rank), clip_loss)
+        applied2 = engine.optimizer_step()
+        runs[name] = {"scales": [scale0, scale1, engine.loss_scale], "applied": [applied1, applied2],
+                      "unchanged_after_overflow": unchanged, "params": _full_params(engine)}
+    result["cached"] = {k: v for k, v in runs["cached"].items() if k != "params"}
+    result["plain"] = {k: v for k, v in runs["plain"].items() if k != "params"}
+    result["param_err"] = _worst(max_rel_err(runs["cached"]["params"], runs["plain"]["params"])[0])
+    return result
+
+
+def bf16_case(stage: int, rank: int) -> dict:
+    """bf16 engine: cached vs plain step (no dropout) agree within bf16 tolerance."""
+    grads = {}
+    for name, chunk in (("cached", SIZES), ("plain", None)):
+        torch.manual_seed(0)
+        model = TinyDualEncoder(drop=0.0, drop_path=0.0)
+        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+                              ds_config=ds_config(stage, dtype="bf16"))
+        GradCache(engine, chunk_sizes=chunk or {}).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
+        grads[name] = {n: g.float().clone() for n, g in _full_grads(engine).items() if g is not None}
+        engine.optimizer_step()
+    return {"grad": _worst(max_rel_err(grads["cached"], grads["plain"])[0]), "n": len(grads["plain"])}
+
+
+def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_path: str) -> None:
+    _init(rank, world, port)
+    results: dict[str, Any] = {}
+    try:
+        for case in cases:
+            kind, *args = case
+            key = "-".join(str(a) for a in case)
+            if kind == "zero":
+                stage, coalesce, model_kw = args
+                results[key] = ds_case(stage, rank, coalesce, model_kw)
+            elif kind == "fp16":
+                results[key] = fp16_overflow_case(rank)
+            elif kind == "bf16":
+                results[key] = bf16_case(args[0], rank)
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0 or "error" in results:
+            with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
+                json.dump(results, f, default=str)
+    _finish()
+
+
+def fsdp_case(rank: int, kind: str) -> dict:
+    """FSDP2 / local all-reduce / DDP cached step vs the reference (grads, params after AdamW)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = TinyDualEncoder(hier=True, checkpointing=True)
+    ref = copy.deepcopy(model)
+    wrapped = DDP(model, find_unused_parameters=True) if kind == "ddp" else model
+    engine = build_engine("fsdp" if kind == "fsdp" else "local", wrapped,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2))
+    inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
+    torch.manual_seed(100 + rank)
+    GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    grads = {n: full(p.grad) for n, p in engine.module.named_parameters() if p.grad is not None}
+    torch.manual_seed(100 + rank)
+    reference_step(ref, inputs, SIZES)
+    average_grads(ref)
+    grad_err, grad_at = max_rel_err(grads, _present(ref))
+    engine.optimizer_step()
+    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=1e-2).step()
+    params = {n: full(p.detach()) for n, p in engine.module.named_parameters()}
+    param_err, param_at = max_rel_err(params, {n: p.detach() for n, p in ref.named_parameters()})
+    return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
+            "n_grads": len(grads)}
+
+
+def fsdp_worker(rank: int, world: int, port: int, kinds: list[str], out_path: str) -> None:
+    _init(rank, world, port)
+    results: dict[str, Any] = {}
+    try:
+        for kind in kinds:
+            results[kind] = fsdp_case(rank, kind)
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0 or "error" in results:
+            with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
+                json.dump(results, f, default=str)
+    _finish()

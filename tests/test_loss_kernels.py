@@ -1,0 +1,120 @@
+"""The two backend primitives (``lse``, ``grad``) of the Triton kernels and the chunked backend.
+
+Checked directly against :class:`ReferenceBackend` in float64 with arbitrary (also negative)
+per-row / per-column coefficients, so every term of ``dS`` is exercised independently of the
+loss built on top. Triton runs in the CPU interpreter here (``TRITON_INTERPRET=1``, conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlscale.kernels import contrastive as kern
+from vlscale.loss import ChunkedBackend, ReferenceBackend
+from vlscale.loss.triton_backend import TritonBackend
+
+REF = ReferenceBackend()
+
+
+def small(bm: int, bn: int, bd: int, bands: int) -> kern.KernelSettings:
+    return kern.KernelSettings(bm, bn, bd, row_bands=bands, col_bands=bands, upcast=True,
+                               grad_block_m=bm, grad_block_n=bn)
+
+
+BACKENDS = {
+    "triton-16x32-3bands": TritonBackend(small(16, 32, 16, 3)),
+    "triton-32x16-1band": TritonBackend(small(32, 16, 32, 1)),
+    "triton-default": TritonBackend(),
+    "chunked-8x13": ChunkedBackend(block_m=8, block_n=13),
+}
+SHAPES = [(1, 1, 3), (7, 50, 40), (45, 19, 64), (33, 33, 17)]
+
+
+def inputs(m: int, n: int, d: int, dtype: torch.dtype, s: float):
+    q = torch.randn(m, d, dtype=torch.float64).to(dtype)
+    k = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    return q, k, torch.tensor([s])
+
+
+def close(got, want, tol):
+    err = (got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-3)
+    assert err < tol, f"rel max err {err:.3g} (mean abs err {(got.double() - want.double()).abs().mean():.3g})"
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize(("m", "n", "d"), SHAPES)
+def test_lse_matches_reference(name, m, n, d):
+    torch.manual_seed(m * n + d)
+    q, k, s = inputs(m, n, d, torch.float32, 0.7)  # unnormalised: logits of tens
+    want_r, want_c = REF.lse(q.double(), k.double(), s.double())
+    row, col = BACKENDS[name].lse(q, k, s)
+    close(row, want_r, 1e-6)
+    close(col, want_c, 1e-6)
+    row_only, none = BACKENDS[name].lse(q, k, s, need_col=False)
+    assert none is None
+    close(row_only, want_r, 1e-6)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize(("m", "n", "d"), SHAPES)
+def test_grad_matches_reference(name, m, n, d):
+    torch.manual_seed(m + n * d)
+    q, k, s = inputs(m, n, d, torch.float32, 0.3)
+    r, c = REF.lse(q.double(), k.double(), s.double())
+    rc, cc = torch.randn(m) / m, torch.randn(n) / n  # signed, ~1/B like a real loss
+    for row_coef, col_coef, need_dk in [(rc, cc, True), (rc, None, True), (None, cc, False)]:
+        want = REF.grad(q.double(), k.double(), s.double(), r, c, _d(row_coef), _d(col_coef), need_dk=need_dk)
+        got = BACKENDS[name].grad(q, k, s, r.float(), c.float(), row_coef, col_coef, need_dk=need_dk)
+        close(got[0], want[0], 1e-5)
+        if need_dk:
+            close(got[1], want[1], 1e-5)
+        else:
+            assert got[1] is None
+
+
+def _d(x):
+    return None if x is None else x.double()
+
+
+@pytest.mark.parametrize("name", ["triton-16x32-3bands", "chunked-8x13"])
+def test_extreme_logits_do_not_overflow(name):
+    """|S| up to ~10³: exp would overflow fp32 without the running-max shift. (fp32 S itself carries
+    an absolute error ~|S|·2⁻²³, hence the looser gradient tolerance.)"""
+    torch.manual_seed(1)
+    q, k, s = inputs(20, 30, 16, torch.float32, 100.0)
+    row, col = BACKENDS[name].lse(q, k, s)
+    want_r, want_c = REF.lse(q.double(), k.double(), s.double())
+    assert torch.isfinite(row).all() and torch.isfinite(col).all()
+    close(row, want_r, 1e-6)
+    close(col, want_c, 1e-6)
+    dq, dk = BACKENDS[name].grad(q, k, s, row, col, torch.full((20,), 0.05), torch.full((30,), 0.05))
+    want = REF.grad(q.double(), k.double(), s.double(), want_r, want_c, torch.full((20,), 0.05).double(),
+                    torch.full((30,), 0.05).double())
+    close(dq, want[0], 2e-3)
+    close(dk, want[1], 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_inputs(dtype):
+    """16-bit loads are cast to fp32 at once in the interpreter: matches fp64 on the same values."""
+    torch.manual_seed(2)
+    q, k, s = inputs(21, 35, 64, dtype, 2.0)
+    backend = BACKENDS["triton-16x32-3bands"]
+    row, col = backend.lse(q, k, s)
+    want_r, want_c = REF.lse(q.double(), k.double(), s.double())
+    close(row, want_r, 1e-6)
+    close(col, want_c, 1e-6)
+    dq, dk = backend.grad(q, k, s, row, col, torch.full((21,), 1 / 42), torch.full((35,), 1 / 70))
+    want = REF.grad(q.double(), k.double(), s.double(), want_r, want_c, torch.full((21,), 1 / 42).double(),
+                    torch.full((35,), 1 / 70).double())
+    close(dq, want[0], 1e-5)
+    close(dk, want[1], 1e-5)
+
+
+def test_kernel_settings_are_powers_of_two():
+    for d in (3, 64, 768, 1024, 1000):
+        cfg = kern.kernel_settings(300, 300, d, torch.float32, torch.device("cpu"))
+        for v in (cfg.block_m, cfg.block_n, cfg.block_d, cfg.grad_block_m, cfg.grad_block_n):
+            assert v >= 16 and v & (v - 1) == 0
+        assert cfg.upcast and cfg.input_precision == "ieee"

@@ -1,0 +1,438 @@
+"""Typed run configuration: one dataclass per section, named recipes, ``key.sub=value`` overrides.
+
+A run is a recipe from ``launch/`` (``tiny-cpu``, ``zerovl-v100``, ``fsdp2``, or a path to a JSON /
+TOML file) plus a few overrides such as ``train.lr=1e-3``. Every field is typed and documented;
+``__post_init__`` rejects bad values with a ``ValueError`` naming the field, and unknown keys are
+rejected with the closest known names. The resolved config is written into the run directory
+(:func:`save_config`) and read back by ``vlscale eval`` and ``--resume`` (:func:`config_from_dict`).
+
+The model section is :class:`vlscale.model.ModelConfig` (owned by the model part); it is imported
+lazily so that ``vlscale.config`` can be read without building any model code.
+The DeepSpeed JSON is generated from this config by :func:`to_deepspeed_config`
+(in :mod:`vlscale.train.dsconfig`, re-exported here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "launch" / "recipes"
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config: {name} {msg}")
+
+
+@dataclass
+class DataConfig:
+    """Where the Arrow shards are and how batches are made from them."""
+
+    train_shards: str = ""
+    """Directory (or single file) of training shards written by ``vlscale.data.ShardWriter``."""
+    eval_shards: str = ""
+    """Directory of held-out shards for periodic / final retrieval evaluation ('' = none)."""
+    image_size: int = 0
+    """Side of the square image fed to the vision tower (0 = the model's own input size)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    augment: bool = True
+    """Random train-time augmentation in the loader (off for scenes where position is a label)."""
+    debiased: bool = False
+    """ZeroVL debiased sampling: each batch from one source, drawn proportionally to its size."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size == 0 or self.image_size >= 8, "data.image_size",
+               f"must be 0 (from the model) or >= 8, got {self.image_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batch sizes, precision, logging and checkpoint cadence."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints/."""
+    steps: int = 1000
+    """Number of optimizer steps."""
+    global_batch_size: int = 256
+    """Contrastive batch over all ranks: every pair sees global_batch_size - 1 negatives."""
+    micro_batch_size: int = 0
+    """Per-rank batch per optimizer step (0 = global_batch_size / world size)."""
+    grad_accum_steps: int = 1
+    """DeepSpeed gradient_accumulation_steps. Must stay 1: the gradient cache already splits the
+    batch into chunks, and accumulating separate contrastive batches would shrink the negatives."""
+    lr: float = 5e-4
+    """Peak learning rate of AdamW (reached after warmup)."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule floor as a fraction of ``lr``."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to ``lr`` over this many steps."""
+    weight_decay: float = 0.2
+    """AdamW decoupled weight decay; never applied to biases, norms, embeddings, logit_scale."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2 (0.98 as in CLIP: large-batch contrastive training)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    precision: Precision = "fp32"
+    """Tower arithmetic: fp32, fp16 (dynamic loss scaling) or bf16. The loss is always fp32."""
+    seed: int = 0
+    """Seed for model init, data order and dropout (each rank offsets it by its rank)."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    eval_every: int = 0
+    """Zero-shot retrieval on data.eval_shards every N steps (0 = only at the end)."""
+    ckpt_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep (older ones are deleted)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """What a NaN/inf loss does: stop the run with a message, or skip that step (counted)."""
+    max_nonfinite_skips: int = 10
+    """With on_nonfinite='skip': stop after this many skipped steps in total."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    tensorboard: bool = True
+    """Also write TensorBoard events next to metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "log_every", "grad_accum_steps", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "max_nonfinite_skips"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.grad_accum_steps == 1, "train.grad_accum_steps",
+               "must be 1: grow the contrastive batch with global_batch_size and let the gradient "
+               f"cache chunk it (got {self.grad_accum_steps})")
+
+
+@dataclass
+class LossConfig:
+    """Which contrastive-loss implementation runs (see vlscale.loss)."""
+
+    impl: Literal["auto", "triton", "chunked", "reference"] = "auto"
+    """auto = Triton on a capable GPU, else chunked torch; naming one that cannot run is an error."""
+
+
+@dataclass
+class GradCacheConfig:
+    """Decoupled gradient accumulation (ZeroVL): embed in chunks, one loss, re-forward per chunk."""
+
+    enabled: bool = True
+    """Off = one plain forward/backward over the whole per-rank batch (the reference path)."""
+    chunk_size: int = 256
+    """Pairs per re-forward chunk: bounds activation memory independently of the batch."""
+    image_chunk_size: int = 0
+    """Chunk size for the image tower only (0 = chunk_size)."""
+    text_chunk_size: int = 0
+    """Chunk size for the text tower only (0 = chunk_size)."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_size >= 1, "gradcache.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        for name in ("image_chunk_size", "text_chunk_size"):
+            _check(getattr(self, name) >= 0, f"gradcache.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EngineConfig:
+    """What wraps the single-device model: plain torch, DeepSpeed ZeRO, or torch FSDP2."""
+
+    kind: Literal["local", "deepspeed", "fsdp"] = "local"
+    """local = one process or plain DDP-style all-reduce; deepspeed = ZeRO; fsdp = fully_shard."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (only with kind='deepspeed')."""
+    ds_config: str = ""
+    """Path to a user's own DeepSpeed JSON; checked against this config ('' = generate one)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend (auto = nccl on CUDA, else gloo)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.zero_stage <= 3, "engine.zero_stage", f"must be 0..3, got {self.zero_stage}")
+        _check(self.kind == "deepspeed" or (self.zero_stage == 0 and not self.ds_config), "engine",
+               f"zero_stage / ds_config only apply to kind='deepspeed' (kind={self.kind!r})")
+
+
+@dataclass
+class TechniquesConfig:
+    """Switches and weights of the paper techniques (see vlscale.techniques)."""
+
+    mixup: bool = False
+    """ZeroVL coin-flipping mixup (pixels or text embeddings, soft targets)."""
+    mixup_alpha: float = 0.1
+    """Beta(alpha, alpha) parameter of the mixup coefficient."""
+    momentum_queue: int = 0
+    """WenLan cross-modal momentum contrast: queue length K (0 = off)."""
+    momentum: float = 0.99
+    """EMA coefficient of the momentum towers."""
+    hier_weight: float = 0.0
+    """ViCHA hierarchical alignment: weight of each intermediate-layer loss (0 = off)."""
+    concept_prob: float = 0.0
+    """ViCHA visual concepts: probability of sampling the image's concepts into its caption."""
+
+    def __post_init__(self) -> None:
+        _check(self.mixup_alpha > 0, "techniques.mixup_alpha", f"must be > 0, got {self.mixup_alpha}")
+        _check(self.momentum_queue >= 0, "techniques.momentum_queue", f"must be >= 0, got {self.momentum_queue}")
+        _check(0.0 <= self.momentum < 1.0, "techniques.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.hier_weight >= 0, "techniques.hier_weight", f"must be >= 0, got {self.hier_weight}")
+        _check(0.0 <= self.concept_prob <= 1.0, "techniques.concept_prob", f"must be in [0, 1], got {self.concept_prob}")
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot retrieval evaluation (during training and in ``vlscale eval``)."""
+
+    batch_size: int = 64
+    """Rows (image–caption pairs) per embedding batch."""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """Recall@k values reported for image→text and text→image."""
+    chunk: int = 4096
+    """Query rows per similarity block (never the full N×N matrix)."""
+    max_batches: int = 0
+    """Evaluate on at most this many loader batches of batch_size rows (0 = the whole set)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.chunk >= 1, "eval.chunk", f"must be >= 1, got {self.chunk}")
+        _check(self.max_batches >= 0, "eval.max_batches", f"must be >= 0, got {self.max_batches}")
+        _check(bool(self.ks) and all(k >= 1 for k in self.ks), "eval.ks", f"must be positive ints, got {self.ks}")
+
+
+def model_config_class() -> type:
+    """vlscale.model.ModelConfig (imported lazily: the model part owns it)."""
+    try:
+        from vlscale.model.config import ModelConfig
+    except ImportError as exc:  # the model part is absent from this install
+        raise ImportError(f"vlscale.config needs vlscale.model.ModelConfig: {exc}") from exc
+    return ModelConfig
+
+
+@dataclass
+class Config:
+    """A whole run. ``model`` is a vlscale.model.ModelConfig."""
+
+    model: Any = None
+    """The dual encoder (vlscale.model.ModelConfig); None = that class's defaults."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    techniques: TechniquesConfig = field(default_factory=TechniquesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = ""
+    """Name or path of the recipe this config came from (informational)."""
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = model_config_class()()
+        _check(self.engine.kind == "deepspeed" or self.train.precision != "fp16", "train.precision",
+               "fp16 needs dynamic loss scaling, which only engine.kind='deepspeed' provides; use bf16 or fp32")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    out = {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in ("recipe",)}
+    out["model"] = model_config_class()
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn ``value`` (from JSON/TOML, or a raw override string) into type ``tp``, or raise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(f"config: {key}={value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config: {key}={value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_scalar(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config: {key}={value!r} must be a list")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        value = _parse_scalar(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError(f"config: {key}={value!r} must be a mapping (JSON object)")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config: {key}={value!r} must be a boolean (true/false)")
+    if tp in (int, float):
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config: {key}={value!r} must be {tp.__name__}")
+        if tp is int and float(value) != int(value):
+            raise ValueError(f"config: {key}={value!r} must be an integer")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config: {key}={value!r} must be a string")
+        return value
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _unknown(key: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(known))}"
+    return ValueError(f"config: unknown key {key!r}{hint}")
+
+
+def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in names:
+            raise _unknown(f"{prefix}.{name}", names)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (a recipe or a saved config)."""
+    sections = _section_types()
+    kwargs: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name in ("recipe", "description"):
+            if name == "recipe":
+                kwargs["recipe"] = str(values)
+            continue
+        if name not in sections:
+            raise _unknown(name, [*sections, "recipe", "description"])
+        if not isinstance(values, dict):
+            raise ValueError(f"config: section {name!r} must be a mapping, got {type(values).__name__}")
+        kwargs[name] = _build_section(sections[name], values, name)
+    return Config(**kwargs)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON-able data (what :func:`save_config` writes)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested mapping (values are coerced later, by type)."""
+    raw = json.loads(json.dumps(raw))
+    sections = _section_types()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config: override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"config: override key {key!r} must be section.key (e.g. train.lr)")
+        section, name = parts
+        if section not in sections:
+            raise _unknown(section, list(sections))
+        known = [f.name for f in dataclasses.fields(sections[section])]
+        if name not in known:
+            raise _unknown(key, known)
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """``launch/recipes/<name>.json|.toml``, or the given file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".json", ".toml") and path.is_file():
+        return path
+    for suffix in (".json", ".toml"):
+        candidate = RECIPE_DIR / f"{name_or_path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.*") if p.suffix in (".json", ".toml"))
+    raise ValueError(f"config: no recipe {name_or_path!r} (named recipes: {', '.join(names)}; or a .json/.toml path)")
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The raw mapping of a JSON or TOML recipe file."""
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A named recipe (or a recipe file) plus ``section.key=value`` overrides, validated."""
+    path = recipe_path(name_or_path)
+    raw = apply_overrides(read_recipe(path), list(overrides))
+    raw["recipe"] = name_or_path
+    return config_from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as JSON (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config written by :func:`save_config`."""
+    return config_from_dict(json.loads(Path(path).read_text()))
+
+
+def __getattr__(name: str) -> Any:
+    # to_deepspeed_config lives in vlscale.train.dsconfig (batch arithmetic + user JSON checks);
+    # re-exported lazily so that importing the config never imports the trainer.
+    if name == "to_deepspeed_config":
+        from vlscale.train.dsconfig import to_deepspeed_config
+
+        return to_deepspeed_config
+    raise AttributeError(name)

@@ -1,0 +1,267 @@
+"""Gradient caching (ZeroVL's decoupled gradient accumulation) beneath any engine adapter.
+
+One :meth:`GradCache.step` computes the gradient of one big contrastive batch while holding the
+activations of one chunk at a time:
+
+1. embed every chunk of each tower without a graph, recording the RNG state before each chunk;
+2. concatenate the embeddings into detached fp32 leaves, call ``loss_fn`` once (it gathers across
+   ranks when there is a process group) and take d(loss)/d(embeddings) — fp32, unscaled;
+3. re-forward each chunk under its recorded RNG state and back-propagate the surrogate
+   ``⟨embeddings, cached gradient⟩`` through the engine; only the last chunk is a reduction
+   boundary. ``logit_scale`` (returned by every forward) receives ``⟨logit_scale, cached grad⟩``
+   from the last chunk only, so it gets its gradient exactly once.
+
+Gradient convention with several ranks: ``loss_fn`` must return, on every rank, gradients w.r.t.
+the local embeddings equal to ``world_size ×`` the local share of d(global loss), and the plain
+d(loss)/d(logit_scale); the engines *average* over ranks, which then gives exactly the
+single-process gradient of the global batch. (The distributed loss follows this convention.)
+
+BatchNorm: chunks are normalised with per-chunk statistics (ghost batch norm) and the running
+statistics are updated once per chunk, in the no-grad pass only (the re-forward restores them);
+a warning says so once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vlscale.engines.base import EngineAdapter
+from vlscale.gradcache import rng
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+
+# Which inputs belong to which tower: a chunk forward carries one tower's inputs only.
+TOWER_INPUTS: dict[str, tuple[str, ...]] = {"image": ("pixels",), "text": ("tokens", "attention_mask")}
+_PRIMARY = {"image": "pixels", "text": "tokens"}
+
+
+@dataclass
+class StepResult:
+    """Outcome of one step: the loss (detached fp32 scalar), the loss's metrics, chunk counts."""
+
+    loss: Tensor
+    metrics: dict[str, float]
+    num_chunks: dict[str, int] = field(default_factory=dict)
+    finite: bool = True
+
+
+@dataclass
+class _Chunk:
+    tower: str
+    start: int
+    stop: int
+    state: rng.RngState
+    offsets: dict[str, int]  # row of each per-sample output inside the concatenated embeddings
+
+
+class GradCache:
+    """Two-pass gradient-cached step over an :class:`EngineAdapter`.
+
+    ``chunk_size``: rows per chunk for both towers (None with no ``chunk_sizes`` = one plain
+    big-batch step, the reference path). ``chunk_sizes``: per-tower override, e.g.
+    ``{"image": 128, "text": 512}``. ``replay_rng=False`` disables the RNG replay (for tests
+    and ablations only: with dropout the gradient is then wrong). ``global_keys``: outputs that
+    are per-model, not per-sample (taken once from the first chunk).
+    """
+
+    def __init__(
+        self,
+        engine: EngineAdapter,
+        chunk_size: int | None = 256,
+        chunk_sizes: dict[str, int] | None = None,
+        *,
+        replay_rng: bool = True,
+        global_keys: tuple[str, ...] = ("logit_scale",),
+    ) -> None:
+        sizes = dict(chunk_sizes or {})
+        unknown = set(sizes) - set(TOWER_INPUTS)
+        if unknown:
+            raise ValueError(f"chunk_sizes keys must be among {sorted(TOWER_INPUTS)}, got {sorted(unknown)}")
+        for name, value in [("chunk_size", chunk_size), *sizes.items()]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        self.engine = engine
+        self.chunk_size = chunk_size
+        self.chunk_sizes = sizes
+        self.plain = chunk_size is None and not sizes
+        self.replay_rng = replay_rng
+        self.global_keys = global_keys
+        self._bn_warned = False
+
+    # -- public ------------------------------------------------------------------------------
+    def step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
+        """Accumulate the gradient of ``loss_fn`` over the whole batch into the engine."""
+        towers = _split_inputs(inputs)
+        if self.plain:
+            return self._plain_step(inputs, loss_fn)
+        chunks, embs = self._embed(towers)
+        loss, metrics, grads = _loss_and_grads(loss_fn, embs)
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        if not finite:
+            # Still back-propagate: an fp16 engine must see the overflow to skip the step and
+            # lower its loss scale exactly as for a plain step.
+            log.warning("gradcache: non-finite loss or embedding gradient (loss=%s)", float(loss))
+        self._replay(towers, chunks, grads)
+        counts = {t: sum(c.tower == t for c in chunks) for t in towers}
+        return StepResult(loss.detach(), metrics, counts, finite)
+
+    # -- pass 1: embed without a graph ---------------------------------------------------------
+    def _chunk_size(self, tower: str, batch: int) -> int:
+        size = self.chunk_sizes.get(tower, self.chunk_size)
+        return batch if size is None else size
+
+    @torch.no_grad()
+    def _embed(self, towers: dict[str, dict[str, Tensor]]) -> tuple[list[_Chunk], dict[str, Tensor]]:
+        device = self.engine.device
+        chunks: list[_Chunk] = []
+        pieces: dict[str, list[Tensor]] = {}
+        rows: dict[str, int] = {}
+        glob: dict[str, Tensor] = {}
+        for tower, tin in towers.items():
+            batch = tin[_PRIMARY[tower]].shape[0]
+            size = self._chunk_size(tower, batch)
+            for start in range(0, batch, size):
+                stop = min(start + size, batch)
+                state = rng.capture(device)
+                out = self.engine.forward(**{k: v[start:stop] for k, v in tin.items()})
+                offsets: dict[str, int] = {}
+                for key, value in out.items():
+                    if key in self.global_keys:
+                        glob.setdefault(key, value.detach().float())
+                        continue
+                    _check_rows(key, value, stop - start)
+                    offsets[key] = rows.get(key, 0)
+                    rows[key] = offsets[key] + (stop - start)
+                    pieces.setdefault(key, []).append(value.detach().float())
+                chunks.append(_Chunk(tower, start, stop, state, offsets))
+        embs = {k: torch.cat(v) for k, v in pieces.items()}
+        embs.update(glob)
+        return chunks, embs
+
+    # -- pass 3: re-forward and back-propagate the surrogate ----------------------------------
+    def _replay(self, towers: dict[str, dict[str, Tensor]], chunks: list[_Chunk], grads: dict[str, Tensor]) -> None:
+        last = len(chunks) - 1
+        with self._bn_frozen(), self.engine.accumulate(), rng.preserved(self.engine.device):
+            for i, chunk in enumerate(chunks):
+                boundary = i == last
+                with self.engine.micro_step(boundary=boundary):
+                    if self.replay_rng:
+                        rng.restore(chunk.state)
+                    tin = towers[chunk.tower]
+                    out = self.engine.forward(**{k: v[chunk.start : chunk.stop] for k, v in tin.items()})
+                    surrogate = self._surrogate(out, grads, chunk, boundary)
+                    self.engine.backward(surrogate, boundary=boundary)
+                    del out, surrogate  # free this chunk's graph before the next forward
+
+    def _surrogate(self, out: dict[str, Tensor], grads: dict[str, Tensor], chunk: _Chunk, last: bool) -> Tensor:
+        """⟨outputs, cached gradient⟩ for this chunk; the global keys join on the last chunk only."""
+        per_sample = {k for k in out if k not in self.global_keys}
+        if per_sample != set(chunk.offsets):
+            raise RuntimeError(f"gradcache: the re-forward returned {sorted(per_sample)}, the first pass "
+                               f"{sorted(chunk.offsets)}")
+        rows = chunk.stop - chunk.start
+        terms: list[Tensor] = []
+        for key, value in out.items():
+            if key in self.global_keys:
+                if last and key in grads:
+                    terms.append((value.float() * grads[key]).sum())
+            elif key in grads:
+                g = grads[key][chunk.offsets[key] : chunk.offsets[key] + rows]
+                terms.append((value.float() * g).sum())
+        if not terms:
+            raise ValueError(f"gradcache: the loss uses none of this chunk's outputs {sorted(out)}")
+        return torch.stack(terms).sum()
+
+    # -- reference path ----------------------------------------------------------------------
+    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
+        """One forward over the whole batch with a graph, one backward: the exact reference."""
+        with self.engine.micro_step(boundary=True):
+            out = self.engine.forward(**inputs)
+            embs = {k: v.float() for k, v in out.items()}
+            loss, metrics = loss_fn(embs)
+            _check_loss(loss)
+            self.engine.backward(loss.float(), boundary=True)
+        counts = {t: 1 for t in _split_inputs(inputs)}
+        return StepResult(loss.detach().float(), metrics, counts, bool(torch.isfinite(loss)))
+
+    # -- BatchNorm -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _bn_frozen(self) -> Iterator[None]:
+        """Keep BatchNorm running statistics from being updated a second time by the re-forward."""
+        bns = [m for m in self.engine.module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        if bns and not self._bn_warned:
+            log.warning(
+                "gradcache: %d BatchNorm layer(s) normalise each chunk with its own statistics (ghost "
+                "batch norm, not the big batch's) and update running statistics once per chunk", len(bns))
+            self._bn_warned = True
+        saved = [[b.detach().clone() for b in m.buffers()] for m in bns]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, bufs in zip(bns, saved):
+                    for b, s in zip(m.buffers(), bufs):
+                        b.copy_(s)
+
+
+def _split_inputs(inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Group inputs by tower and validate them (ValueError naming the problem)."""
+    known = {name for names in TOWER_INPUTS.values() for name in names}
+    unknown = set(inputs) - known
+    if unknown:
+        raise ValueError(f"gradcache: unknown inputs {sorted(unknown)}; expected some of {sorted(known)}")
+    towers: dict[str, dict[str, Tensor]] = {}
+    for tower, names in TOWER_INPUTS.items():
+        tin = {n: inputs[n] for n in names if inputs.get(n) is not None}
+        if not tin:
+            continue
+        if _PRIMARY[tower] not in tin:
+            raise ValueError(f"gradcache: {sorted(tin)} given without {_PRIMARY[tower]!r}")
+        rows = {n: v.shape[0] for n, v in tin.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"gradcache: {tower} inputs disagree on the batch size: {rows}")
+        if next(iter(rows.values())) == 0:
+            raise ValueError(f"gradcache: empty {tower} batch")
+        towers[tower] = tin
+    if not towers:
+        raise ValueError("gradcache: no inputs (need pixels and/or tokens)")
+    return towers
+
+
+def _check_rows(key: str, value: Tensor, rows: int) -> None:
+    if value.dim() == 0 or value.shape[0] != rows:
+        raise ValueError(
+            f"gradcache: model output {key!r} has shape {tuple(value.shape)}, expected {rows} rows "
+            "(per-model outputs must be listed in global_keys)")
+
+
+def _check_loss(loss: Tensor) -> None:
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        raise ValueError(f"gradcache: loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                         f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}")
+
+
+def _loss_and_grads(loss_fn: LossFn, embs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+    """The loss over all embeddings (fp32 leaves) and its gradient w.r.t. each of them."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in embs.items()}
+    with torch.enable_grad():
+        loss, metrics = loss_fn(leaves)
+        _check_loss(loss)
+        used = list(leaves)
+        grads = torch.autograd.grad(loss.float().sum(), [leaves[k] for k in used], allow_unused=True)
+    out = {k: g for k, g in zip(used, grads) if g is not None}
+    if not out:
+        raise ValueError("gradcache: the loss does not depend on any model output")
+    return loss.detach().float().reshape(()), metrics, out
+
+
+__all__ = ["TOWER_INPUTS", "GradCache", "LossFn", "StepResult"]

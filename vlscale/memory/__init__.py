@@ -1,0 +1,39 @@
+"""Memory model and memory profiling: does a configuration fit before GPU hours are spent?
+
+* :mod:`vlscale.memory.model` — per-rank prediction (ZeRO model states, one chunk's activations,
+  O(B·D) embeddings, O(B) loss statistics, loss working buffers), peak over the phases of a step,
+  :func:`max_global_batch`.
+* :mod:`vlscale.memory.tracker` — :class:`MemoryTracker` (peak per phase: CUDA allocator, sampled
+  RSS, or exact live tensor bytes) for the training loop and the demo.
+* :mod:`vlscale.memory.towers` — parameter counts on the meta device and measured activation bytes.
+* :mod:`vlscale.memory.workload` — one rank's gradient-cached step with the other ranks simulated,
+  to compare measured peaks with predictions.
+
+See docs/memory.md.
+"""
+
+from vlscale.memory.model import (
+    GIB,
+    MIB,
+    PRECISIONS,
+    MemoryEstimate,
+    PrecisionSpec,
+    max_global_batch,
+    model_state_bytes,
+    predict_memory,
+)
+from vlscale.memory.tracker import LiveTensorBytes, MemoryTracker, PhaseRecord
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "PRECISIONS",
+    "LiveTensorBytes",
+    "MemoryEstimate",
+    "MemoryTracker",
+    "PhaseRecord",
+    "PrecisionSpec",
+    "max_global_batch",
+    "model_state_bytes",
+    "predict_memory",
+]

@@ -1,0 +1,289 @@
+"""Predictive per-rank memory model for a contrastive training step (with or without gradient cache).
+
+The model answers "does this configuration fit?" before any GPU time is spent. It adds up what
+one rank holds, component by component, and takes the peak over the phases of a step, because the
+components are not all alive at once:
+
+``embed``      gradient cache pass 1: chunks embedded without a graph; the local embeddings grow
+               (chunk pieces plus their concatenation: 2× the local embeddings at the end).
+``loss``       the loss over local rows × gathered columns and d(loss)/d(embeddings).
+``reforward``  pass 3: one chunk re-forwarded with a graph and back-propagated; the embeddings and
+               their cached gradients are still referenced by the step.
+``fwd_bwd``    without gradient cache: activations of the whole local batch plus the loss.
+``step``       the optimizer step: model states plus the fp32 copy of this rank's gradient partition.
+
+Model states follow the ZeRO paper (Rajbhandari et al., 2020) with Ψ parameters on W ranks:
+mixed-precision Adam holds 2Ψ (16-bit params) + 2Ψ (16-bit grads) + 12Ψ (fp32 master, momentum,
+variance); ZeRO-1 partitions the 12Ψ, ZeRO-2 the gradients too, ZeRO-3 everything. fp32 training
+holds 4Ψ + 4Ψ + 8Ψ and partitions the same way. All sizes are bytes; "GiB" is 2³⁰ bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = float(2**30)
+MIB = float(2**20)
+
+LOSS_IMPLS = ("triton", "chunked", "naive")
+
+# open_clip-style naive loss keeps, per direction, the B_local×B logits and the log-softmax that
+# cross-entropy saves for backward; the backward adds one gradient buffer of the same size at a time.
+# 5 = 2 directions × (logits + log-softmax) + 1 transient gradient; checked on CPU by
+# benchmarks/memory_report.py (measured/predicted ratio in benchmarks/results/memory_model_cpu.md).
+NAIVE_LOGIT_COPIES = 5
+# The chunked torch backend holds one fp32 tile of S, its exponentials and the probability tile.
+CHUNKED_TILE_COPIES = 3
+# Row statistics (lse, coefficient, target logit) and column statistics (partial lse, merged lse,
+# coefficient, target logit), fp32 each.
+ROW_STATS, COL_STATS = 3, 4
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """Bytes per parameter of each model state."""
+
+    param: int
+    """Working (forward/backward) copy of the parameters."""
+    grad: int
+    """Gradients as the backward produces them."""
+    optim: int
+    """Optimizer states incl. any fp32 master copy (Adam mixed precision: 4 + 4 + 4)."""
+    step_grad: int
+    """fp32 copy of the gradient partition made for the optimizer step (0 if grads are fp32)."""
+
+    @property
+    def total(self) -> int:
+        return self.param + self.grad + self.optim
+
+
+PRECISIONS: dict[str, PrecisionSpec] = {
+    "fp16": PrecisionSpec(param=2, grad=2, optim=12, step_grad=4),
+    "bf16": PrecisionSpec(param=2, grad=2, optim=12, step_grad=4),
+    "fp32": PrecisionSpec(param=4, grad=4, optim=8, step_grad=0),
+}
+
+
+def precision_spec(precision: str | PrecisionSpec) -> PrecisionSpec:
+    """The :class:`PrecisionSpec` for a name ("fp16", "bf16", "fp32") or a spec given as is."""
+    if isinstance(precision, PrecisionSpec):
+        return precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or a PrecisionSpec, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def model_state_bytes(params: int, world_size: int, zero_stage: int, precision: str | PrecisionSpec) -> float:
+    """Per-rank bytes of parameters, gradients and optimizer states under ZeRO ``zero_stage``.
+
+    Mixed precision: 16Ψ (stage 0), 4Ψ + 12Ψ/W (1), 2Ψ + 14Ψ/W (2), 16Ψ/W (3).
+    """
+    _check_positive(params=params, world_size=world_size)
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    s = precision_spec(precision)
+    w = float(world_size)
+    per_param = {
+        0: s.param + s.grad + s.optim,
+        1: s.param + s.grad + s.optim / w,
+        2: s.param + (s.grad + s.optim) / w,
+        3: (s.param + s.grad + s.optim) / w,
+    }[zero_stage]
+    return params * per_param
+
+
+@dataclass
+class MemoryEstimate:
+    """A per-rank prediction: components (bytes), which are live in which phase, and the peak."""
+
+    components: dict[str, float]
+    phases: dict[str, list[str]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def phase_bytes(self) -> dict[str, float]:
+        """Bytes live in each phase (sum of that phase's components)."""
+        return {p: sum(self.components[c] for c in names) for p, names in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        pb = self.phase_bytes()
+        return max(pb, key=pb.__getitem__)
+
+    @property
+    def total(self) -> float:
+        """The predicted peak: the largest phase."""
+        return max(self.phase_bytes().values())
+
+    def fits(self, cap_bytes: float) -> bool:
+        return self.total <= cap_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": dict(self.config), "components": dict(self.components),
+                "phases": {p: list(c) for p, c in self.phases.items()}, "phase_bytes": self.phase_bytes(),
+                "peak_phase": self.peak_phase, "total": self.total}
+
+    def table(self, title: str | None = None) -> str:
+        """A markdown table: each component in GiB, a mark per phase it is live in, phase totals."""
+        names = list(self.phases)
+        lines = [f"**{title}**", ""] if title else []
+        lines += ["| component | GiB | " + " | ".join(names) + " |", "|---|---:|" + "---|" * len(names)]
+        for comp, nbytes in self.components.items():
+            marks = " | ".join("x" if comp in self.phases[p] else "" for p in names)
+            lines.append(f"| {comp} | {nbytes / GIB:.3f} | {marks} |")
+        totals = " | ".join(f"{v / GIB:.2f}" for v in self.phase_bytes().values())
+        lines.append(f"| **phase total** | | {totals} |")
+        lines += ["", f"peak: **{self.total / GIB:.2f} GiB** in phase `{self.peak_phase}`"]
+        return "\n".join(lines)
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+
+
+def _loss_components(loss_impl: str, *, b: int, b_local: int, d: int, emb_bytes: int,
+                     loss_block: tuple[int, int], loss_workspace_bytes: float | None) -> dict[str, float]:
+    """Gathered columns, their gradient partials, O(B) statistics and the working buffers."""
+    if loss_impl == "naive":
+        # open_clip gathers both modalities and back-propagates into both gathered copies.
+        gathered, col_grads, stats = 2 * b * d * emb_bytes, 2 * b * d * 4, 0.0
+        work = NAIVE_LOGIT_COPIES * b_local * b * 4.0
+    else:
+        # Only the text columns are gathered; fp32 partials of dT are reduce-scattered.
+        gathered, col_grads = b * d * emb_bytes, b * d * 4
+        stats = (ROW_STATS * b_local + COL_STATS * b) * 4.0
+        if loss_impl == "chunked":
+            bm, bn = loss_block
+            work = CHUNKED_TILE_COPIES * min(bm, b_local) * min(bn, b) * 4.0
+        else:
+            # The fused kernel keeps its tiles on chip; only O(B) statistics reach memory.
+            work = 0.0
+    if loss_workspace_bytes is not None:
+        work = float(loss_workspace_bytes)
+    return {"gathered columns": float(gathered), "column grad partials": float(col_grads),
+            "loss statistics": float(stats), "loss workspace": float(work)}
+
+
+def predict_memory(
+    *,
+    params: int,
+    world_size: int,
+    zero_stage: int,
+    precision: str | PrecisionSpec,
+    global_batch: int,
+    chunk: int | None,
+    embed_dim: int,
+    act_bytes_per_pair: float,
+    loss_impl: str = "triton",
+    emb_bytes: int = 4,
+    input_bytes_per_pair: float = 0.0,
+    loss_block: tuple[int, int] = (1024, 4096),
+    loss_workspace_bytes: float | None = None,
+    zero3_live_params: int | None = None,
+    engine_buffer_bytes: float = 0.0,
+) -> MemoryEstimate:
+    """Predict one rank's peak memory for one training step.
+
+    Args:
+        params: trainable parameters Ψ of the whole dual encoder.
+        world_size: ranks W; the local batch is ``global_batch / W`` (must divide).
+        zero_stage: 0–3 (stage 0 = plain data parallel).
+        precision: "fp16" / "bf16" (mixed-precision Adam) or "fp32", or a :class:`PrecisionSpec`.
+        global_batch: contrastive batch B over all ranks.
+        chunk: gradient-cache chunk per rank (rows re-forwarded at once); ``None``: no gradient cache.
+        embed_dim: embedding width D.
+        act_bytes_per_pair: activation bytes of one row of a chunk for forward + backward (both
+            towers; gradient cache runs the towers separately, so the larger tower's share is
+            enough — the pair is a conservative bound).
+        loss_impl: "triton" (fused), "chunked" (torch tiles of ``loss_block``) or "naive" (logits).
+        emb_bytes: bytes per element of the embeddings handed to the loss (fp32 leaves: 4).
+        input_bytes_per_pair: device bytes of one pair's inputs (pixels + tokens); the inputs of
+            one chunk (gradient cache) or of the local batch (no cache) are counted.
+        loss_block: (rows, columns) of the chunked backend's tiles.
+        loss_workspace_bytes: override of the loss's working buffers (e.g. measured).
+        zero3_live_params: parameters gathered at once under ZeRO-3 (default: DeepSpeed's
+            prefetch bucket, 5·10⁷ elements, at most Ψ).
+        engine_buffer_bytes: engine communication buckets (DeepSpeed's reduce/all-gather buckets).
+    """
+    _check_positive(params=params, world_size=world_size, global_batch=global_batch, embed_dim=embed_dim)
+    if act_bytes_per_pair < 0 or input_bytes_per_pair < 0 or engine_buffer_bytes < 0:
+        raise ValueError("act_bytes_per_pair, input_bytes_per_pair and engine_buffer_bytes must be ≥ 0")
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+    if global_batch % world_size:
+        raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
+    b_local = global_batch // world_size
+    if chunk is not None and not (isinstance(chunk, int) and 1 <= chunk):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    spec = precision_spec(precision)
+    rows = b_local if chunk is None else min(chunk, b_local)
+    d = embed_dim
+
+    states = model_state_bytes(params, world_size, zero_stage, spec)
+    live = 0.0
+    if zero_stage == 3:
+        live = spec.param * min(params, zero3_live_params if zero3_live_params is not None else 50_000_000)
+    comps: dict[str, float] = {
+        "model states": states,
+        "zero-3 gathered params": live,
+        "engine buffers": float(engine_buffer_bytes),
+        "optimizer step transient": spec.step_grad * params / (world_size if zero_stage >= 1 else 1),
+        "inputs": rows * float(input_bytes_per_pair),
+        "activations": rows * float(act_bytes_per_pair),
+        "local embeddings": 2.0 * b_local * d * emb_bytes,
+        "embedding grads": 2.0 * b_local * d * 4,
+    }
+    comps.update(_loss_components(loss_impl, b=global_batch, b_local=b_local, d=d, emb_bytes=emb_bytes,
+                                  loss_block=loss_block, loss_workspace_bytes=loss_workspace_bytes))
+    base = ["model states", "zero-3 gathered params", "engine buffers"]
+    loss = ["local embeddings", "embedding grads", "gathered columns", "column grad partials",
+            "loss statistics", "loss workspace"]
+    if chunk is None:
+        phases = {"fwd_bwd": [*base, "inputs", "activations", *loss],
+                  "step": [*base, "optimizer step transient"]}
+    else:
+        # Pass 1 ends with the chunk pieces and their concatenation alive at once.
+        comps["embedding pieces"] = comps["local embeddings"]
+        phases = {"embed": [*base, "inputs", "local embeddings", "embedding pieces"],
+                  "loss": [*base, *loss],
+                  "reforward": [*base, "inputs", "activations", "local embeddings", "embedding grads"],
+                  "step": [*base, "optimizer step transient"]}
+    config = {"params": params, "world_size": world_size, "zero_stage": zero_stage,
+              "precision": precision if isinstance(precision, str) else asdict(precision),
+              "global_batch": global_batch, "local_batch": b_local, "chunk": chunk, "embed_dim": d,
+              "act_bytes_per_pair": act_bytes_per_pair, "loss_impl": loss_impl, "emb_bytes": emb_bytes,
+              "input_bytes_per_pair": input_bytes_per_pair, "loss_block": list(loss_block),
+              "loss_workspace_bytes": loss_workspace_bytes, "engine_buffer_bytes": engine_buffer_bytes}
+    return MemoryEstimate(comps, phases, config)
+
+
+def max_global_batch(cap_bytes: float, *, world_size: int, multiple_of: int | None = None,
+                     limit: int = 2**40, **kwargs: Any) -> int:
+    """Largest global batch (a multiple of ``multiple_of``, default W) whose predicted peak ≤ cap.
+
+    ``kwargs`` are :func:`predict_memory`'s other arguments (without ``global_batch``). Returns 0
+    when even the smallest batch does not fit. The prediction is monotone in the batch, so the
+    answer is found by doubling then bisection.
+    """
+    _check_positive(cap_bytes=cap_bytes, world_size=world_size)
+    step = multiple_of or world_size
+    if step % world_size:
+        raise ValueError(f"multiple_of {step} must be a multiple of world_size {world_size}")
+
+    def fits(k: int) -> bool:
+        return predict_memory(world_size=world_size, global_batch=k * step, **kwargs).total <= cap_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi * step > limit:
+            return lo * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step

@@ -1,0 +1,187 @@
+"""Inputs of the memory model measured from real towers: parameter counts and activation bytes.
+
+* :func:`dual_encoder_params` builds :class:`vlscale.model.DualEncoder` on the meta device
+  (random-init config, no weights, no download, no memory) and counts its parameters.
+* :func:`saved_activation_bytes` counts the bytes autograd saves for backward per sample, on the
+  meta device (no compute) or a real one. It is a *lower bound* of the forward+backward activation
+  peak: it misses the backward's transient buffers and autocast's fp32 copies. On meta, attention is
+  counted as a fused (flash) kernel saves it — output and log-sum-exp — as it runs on a GPU.
+* :func:`measure_act_bytes_per_pair` measures the forward+backward peak per pair on a real device
+  (CUDA allocator or :class:`~vlscale.memory.tracker.LiveTensorBytes` on CPU) as the slope between
+  two chunk sizes, so constant costs (gradients, cached casts) drop out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlscale.memory.tracker import MemoryTracker
+
+InputsFn = Callable[[int, torch.device], dict[str, Tensor]]
+
+
+def count_params(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameter elements, each shared parameter once."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.requires_grad or not trainable_only:
+            seen[id(p)] = p.numel()
+    return int(sum(seen.values()))
+
+
+def meta_dual_encoder(**cfg: Any) -> nn.Module:
+    """``vlscale.model.DualEncoder(ModelConfig(**cfg))`` on the meta device (no memory, no weights)."""
+    from vlscale.model import DualEncoder, ModelConfig
+
+    with torch.device("meta"):
+        return DualEncoder(ModelConfig(**cfg))
+
+
+def dual_encoder_params(vision_model: str = "vit_base_patch16_224", text_model: str = "bert-base-uncased",
+                        embed_dim: int = 512, **cfg: Any) -> int:
+    """Trainable parameters of a dual encoder built from config on the meta device."""
+    return count_params(meta_dual_encoder(vision_model=vision_model, text_model=text_model,
+                                          embed_dim=embed_dim, **cfg))
+
+
+def pair_inputs(image_size: int = 224, context_length: int = 32, vocab: int = 1000) -> InputsFn:
+    """A function making ``n`` random (pixels, tokens) pairs on a device; full-length text."""
+
+    def make(n: int, device: torch.device) -> dict[str, Tensor]:
+        meta = device.type == "meta"
+        pixels = torch.empty(n, 3, image_size, image_size, device=device)
+        tokens = torch.zeros(n, context_length, dtype=torch.long, device=device)
+        if not meta:
+            pixels.normal_()
+            tokens.random_(1, vocab)
+        return {"pixels": pixels, "tokens": tokens}
+
+    return make
+
+
+@contextlib.contextmanager
+def _fused_attention_on_meta() -> Iterator[None]:
+    """On meta tensors, run SDPA as the flash kernel (saves output + lse, not the L×L probabilities).
+
+    The meta device otherwise dispatches SDPA to the math path, which saves the attention matrix
+    that a GPU's fused kernels never store. transformers' check for an all-ones padding mask calls
+    ``.item()``, impossible on meta; with full-length text the mask is all ones, so skip it.
+    """
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, **kw: Any) -> Tensor:
+        if query.device.type != "meta":
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                            is_causal=is_causal, scale=scale, **kw)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device="meta")
+        # dropout in a fused kernel saves only an RNG seed, so count it without dropout.
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    patches: list[tuple[Any, str, Any]] = [(F, "scaled_dot_product_attention", sdpa)]
+    try:
+        from transformers import masking_utils
+
+        if hasattr(masking_utils, "_ignore_bidirectional_mask_sdpa"):
+            patches.append((masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: True))
+    except ImportError:
+        pass
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, new in patches:
+            setattr(obj, name, new)
+        yield
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
+
+
+def _forward_outputs(model: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
+    out = model(**inputs)
+    if isinstance(out, Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out
+    return [v for v in values if isinstance(v, Tensor) and v.requires_grad]
+
+
+def saved_activation_bytes(model: nn.Module, make_inputs: InputsFn, *, n: int = 2,
+                           dtype: torch.dtype | None = None) -> float:
+    """Bytes saved for backward per sample by one forward of ``n`` samples (parameters excluded).
+
+    Storages are counted once (views of one tensor share it). On the meta device nothing is
+    computed; ``dtype`` casts the model (e.g. fp16 to count what a 16-bit engine saves).
+    """
+    device = next(model.parameters()).device
+    if dtype is not None:
+        model = model.to(dtype)
+    params = {id(p) for p in model.parameters()}
+    keep: list[Tensor] = []  # keep the bases alive so that ids are not reused while counting
+    seen: set[Any] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        base = t._base if t._base is not None else t
+        keep.append(base)
+        key = id(base) if base.device.type == "meta" else (str(base.device), base.untyped_storage().data_ptr())
+        if id(base) not in params and key not in seen:
+            seen.add(key)
+            total += base.untyped_storage().nbytes()
+        return t
+
+    inputs = make_inputs(n, device)
+    if dtype is not None:
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    ctx = _fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext()
+    with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _forward_outputs(model, inputs)
+    return total / n
+
+
+def _fwd_bwd_peak(model: nn.Module, inputs: dict[str, Tensor], tracker: MemoryTracker, name: str,
+                  autocast_dtype: torch.dtype | None) -> int:
+    device = tracker.device
+    with tracker.phase(name):
+        ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            outs = _forward_outputs(model, inputs)
+        torch.stack([o.float().square().mean() for o in outs]).sum().backward()
+        del outs
+    return tracker.records[-1].delta_bytes
+
+
+def measure_act_bytes_per_pair(model: nn.Module, make_inputs: InputsFn, *, sizes: tuple[int, int] = (2, 4),
+                               autocast_dtype: torch.dtype | None = None, backend: str = "auto") -> float:
+    """Forward+backward activation bytes per pair, measured as the slope of the peak between sizes.
+
+    Gradients are allocated by a warm-up step first (they are model states, not activations).
+    ``backend``: a :class:`MemoryTracker` backend; "auto" is the CUDA allocator on CUDA and the
+    exact "tensors" count elsewhere (RSS is too coarse for this).
+    """
+    n1, n2 = sizes
+    if not 0 < n1 < n2:
+        raise ValueError(f"sizes must be increasing positive ints, got {sizes}")
+    device = next(model.parameters()).device
+    if backend == "auto":
+        backend = "cuda" if device.type == "cuda" else "tensors"
+    tracker = MemoryTracker(device, backend=backend)
+    was_training = model.training
+    model.train()
+    try:
+        with tracker.tracking():
+            _fwd_bwd_peak(model, make_inputs(n1, device), tracker, "warmup", autocast_dtype)
+            peaks = [_fwd_bwd_peak(model, make_inputs(n, device), tracker, f"n={n}", autocast_dtype)
+                     for n in (n1, n2)]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return (peaks[1] - peaks[0]) / (n2 - n1)

@@ -1,0 +1,93 @@
+"""Run metrics: JSONL (always), TensorBoard (optional), a tqdm progress bar — all on rank 0 only.
+
+``metrics.jsonl`` holds one JSON object per logged step (``{"step": 10, "loss": ..., "lr": ...}``)
+and one per evaluation (``{"step": 300, "eval/i2t_R@1": ...}``), appended and flushed at once so
+that a crash loses nothing and a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Current / peak host memory and, on CUDA, peak allocated device memory (MiB)."""
+    import psutil
+
+    out = {"mem/rss_mib": psutil.Process().memory_info().rss / 2**20, "mem/peak_rss_mib": peak_rss_mib()}
+    if device.type == "cuda":
+        out["mem/cuda_max_alloc_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; a no-op object on the other ranks (``enabled=False``)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, progress: bool,
+                 total_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def advance(self, postfix: dict[str, float] | None = None) -> None:
+        """One optimizer step done (progress bar only)."""
+        if self._bar is not None:
+            self._bar.update(1)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line on rank 0's console that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()

@@ -1,0 +1,83 @@
+"""Process-level set-up of a training run: torch.distributed, the device, seeds, logging.
+
+Every launcher (``deepspeed``, ``torchrun``, plain ``python``) ends up here. A single process
+without launcher variables still gets a one-rank process group when the engine needs one
+(DeepSpeed and FSDP2 always do), on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vlscale.config import Config
+
+
+@dataclass
+class Runtime:
+    """Where this process sits: its rank, the world, its device, and whether it owns the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group the loss gathers over (None = one rank: no collectives)."""
+        return dist.group.WORLD if self.world_size > 1 else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Initialise torch.distributed when needed (gloo on CPU, nccl on CUDA) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    owns = False
+    if (world > 1 or cfg.engine.kind in ("deepspeed", "fsdp")) and not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = cfg.engine.backend if cfg.engine.backend != "auto" else ("nccl" if cuda else "gloo")
+        if backend == "nccl" and not cuda:
+            raise ValueError("engine.backend='nccl' needs CUDA; use gloo (or auto) on CPU")
+        dist.init_process_group(backend)
+        owns = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=device, owns_group=owns)
+
+
+def shutdown(rt: Runtime) -> None:
+    """barrier + destroy_process_group: without it a fraction of gloo runs abort at exit."""
+    if rt.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings elsewhere (one copy of each message, not one per rank)."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

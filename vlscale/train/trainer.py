@@ -1,0 +1,266 @@
+"""The training loop: model → engine → gradient cache → loss, with metrics, checks and checkpoints.
+
+``Trainer(cfg).fit()`` runs one training run in this process (one rank of it under a launcher).
+Build order (each step needs the previous one):
+
+1. runtime: torch.distributed + device; the model seed is the same on every rank (identical
+   initial replicas), the step seed differs per rank (dropout, mixup);
+2. model (single-device code) → AdamW with weight-decay exclusions → cosine schedule → engine
+   (DeepSpeed / FSDP2 / local), which wraps them from outside;
+3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
+4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint.
+
+One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks: the
+gradient cache embeds it chunk by chunk, the loss runs once over the gathered embeddings, the
+chunks are re-forwarded to back-propagate, and the engine applies one optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlscale.config import Config, save_config
+from vlscale.data import build_loader
+from vlscale.engines import build_engine
+from vlscale.gradcache import GradCache
+from vlscale.model import DualEncoder
+from vlscale.train import checkpoint as ckpt
+from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
+from vlscale.train.losses import build_loss_fn
+from vlscale.train.metrics import MetricsLogger, memory_stats
+from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
+from vlscale.train.runtime import Runtime, init_runtime, setup_logging, shutdown
+
+log = logging.getLogger(__name__)
+_HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and train.on_nonfinite says to stop (or the skip budget ran out)."""
+
+
+class Trainer:
+    """One training run (one rank of it). ``fit()`` returns a summary with the per-step losses."""
+
+    def __init__(self, cfg: Config, *, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.rt: Runtime = init_runtime(cfg)
+        setup_logging(self.rt.rank)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.micro, _, self.global_batch = resolve_batch(cfg.train, self.rt.world_size)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = DualEncoder(cfg.model).to(self.rt.device)
+        self.engine, self.optimizer, self.scheduler = self._build_engine()
+        self.loader = self._build_loader()
+        torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
+        gc = cfg.gradcache
+        sizes = {k: v for k, v in (("image", gc.image_chunk_size), ("text", gc.text_chunk_size)) if v}
+        self.gradcache = GradCache(self.engine, chunk_size=gc.chunk_size if gc.enabled else None,
+                                   chunk_sizes=sizes if gc.enabled else None)
+        self.loss_fn = build_loss_fn(cfg, process_group=self.rt.process_group, module=self.engine.module)
+        self.mixup = None
+        if cfg.techniques.mixup:
+            from vlscale.techniques.mixup import CoinFlipMixup
+
+            self.mixup = CoinFlipMixup(alpha=cfg.techniques.mixup_alpha, seed=cfg.train.seed)
+        self.step = 0
+        self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
+        self.losses: dict[int, float] = {}
+        if resume:
+            self._resume(resume)
+        if self.rt.is_main:
+            save_config(cfg, self.run_dir / "config.json")
+        self.logger = MetricsLogger(self.run_dir, enabled=self.rt.is_main, tensorboard=cfg.train.tensorboard,
+                                    progress=cfg.train.progress, total_steps=cfg.train.steps, start_step=self.step)
+
+    # -- building ----------------------------------------------------------------------------
+    def _build_engine(self) -> tuple[Any, torch.optim.Optimizer | None, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        opt_kwargs = {"lr": t.lr, "weight_decay": t.weight_decay, "betas": (t.beta1, t.beta2), "eps": t.eps}
+        sched_kwargs = {"warmup": t.warmup_steps, "total": t.steps, "min_ratio": t.min_lr_ratio}
+        kind, half = cfg.engine.kind, _HALF[t.precision]
+        if kind == "fsdp":  # shards first, then builds the optimizer on the sharded parameters
+            engine = build_engine("fsdp", self.model, optimizer=adamw_factory(self.model, **opt_kwargs),
+                                  process_group=self.rt.process_group, param_dtype=half)
+            engine.lr_scheduler = build_scheduler(engine.optimizer, **sched_kwargs)
+            return engine, engine.optimizer, engine.lr_scheduler
+        optimizer = build_adamw(self.model, **opt_kwargs)
+        scheduler = build_scheduler(optimizer, **sched_kwargs)
+        if kind == "deepspeed":
+            ds_config = to_deepspeed_config(cfg, self.rt.world_size)
+            if self.rt.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+            engine = build_engine("deepspeed", self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                  ds_config=ds_config)
+            # DeepSpeed wraps the optimizer and owns the scheduler; checkpoints go through it.
+            return engine, None, engine.lr_scheduler
+        engine = build_engine("local", self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                              process_group=self.rt.process_group, autocast_dtype=half)
+        return engine, optimizer, scheduler
+
+    def _build_loader(self) -> Any:
+        cfg = self.cfg
+        if not cfg.data.train_shards:
+            raise ValueError("data.train_shards is empty: point it at a folder of Arrow shards")
+        return build_loader(
+            cfg.data.train_shards, tokenizer=self.model.tokenizer, image_size=cfg.data.image_size or None,
+            data_config=None if cfg.data.image_size else self.model.data_config(), train=True,
+            batch_size=self.micro, rank=self.rt.rank, world_size=self.rt.world_size,
+            num_workers=cfg.data.num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
+            max_length=cfg.model.context_length, on_error="skip",
+            scale=(0.9, 1.0) if cfg.data.augment else (1.0, 1.0))
+
+    def _resume(self, resume: str) -> None:
+        path = ckpt.resolve_resume(resume, self.ckpt_dir)
+        if path is None:
+            log.info("resume=%s: no checkpoint in %s yet, starting from scratch", resume, self.ckpt_dir)
+            return
+        state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, loader=self.loader)
+        self.step = state["step"]
+        self.counters.update(state["trainer"].get("counters", {}))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _batches(self) -> Iterator[Any]:
+        """Endless stream of batches; each pass over the shards is one epoch of the loader."""
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``train.steps``; returns {"step", "losses", "counters", "eval"}."""
+        t, last_eval = self.cfg.train, {}
+        batches = self._batches()
+        try:
+            while self.step < t.steps:
+                metrics = self._train_step(next(batches))
+                self.logger.advance({"loss": metrics["loss"], "lr": metrics["lr"]})
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self.logger.log(self.step, {**metrics, **self._slow_metrics()})
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    last_eval = self.evaluate()
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                    self.save()
+            self._memory_report()
+        finally:
+            self.logger.close()
+        return {"step": self.step, "losses": dict(self.losses), "counters": dict(self.counters), "eval": last_eval}
+
+    def _train_step(self, batch: Any) -> dict[str, float]:
+        inputs = batch.to(self.rt.device).model_inputs()
+        start = time.perf_counter()
+        if self.mixup is not None:  # a pure function of (seed, step): same coin on every rank
+            plan = self.mixup.plan(self.step, self.micro, offset=self.rt.rank * self.micro)
+            inputs["pixels"] = plan.mix_pixels(inputs["pixels"])
+            self.loss_fn.plan = plan
+        res = self.gradcache.step(inputs, self.loss_fn)
+        loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
+        if not math.isfinite(loss) and not self._handle_nonfinite(loss):
+            self.engine.zero_grad()  # skip: drop this step's gradients, do not advance
+            return {"loss": loss, "lr": self._lr(), "skipped": 1.0}
+        self._clip()
+        lr = self._lr()  # the rate this step applies (the scheduler advances inside the step)
+        applied = self.engine.optimizer_step()
+        if not applied:  # an fp16 loss-scale overflow: DeepSpeed skipped it and lowered the scale
+            self.counters["overflow_skips"] += 1
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        self.counters["samples"] += self.global_batch
+        self.losses[self.step] = loss
+        out = {"loss": loss, "lr": lr, "step_time_s": elapsed, "samples_per_s": self.global_batch / elapsed,
+               **{k: float(v) for k, v in res.metrics.items()}}
+        if self.engine.loss_scale is not None:
+            out["loss_scale"] = float(self.engine.loss_scale)
+        return out
+
+    def _handle_nonfinite(self, loss: float) -> bool:
+        """True to go on with the step anyway (fp16: the engine skips it), False to skip it; or raise."""
+        t = self.cfg.train
+        if t.precision == "fp16" and self.engine.kind == "deepspeed":
+            return True  # the loss scaler sees the inf/NaN gradients, skips and lowers the scale
+        msg = (f"non-finite loss ({loss}) at step {self.step + 1}: check lr (train.lr={t.lr}), "
+               "precision, and the data of this batch")
+        if t.on_nonfinite == "stop":
+            raise NonFiniteLossError(msg + "; set train.on_nonfinite=skip to skip such steps")
+        self.counters["nonfinite_skips"] += 1
+        if self.counters["nonfinite_skips"] > t.max_nonfinite_skips:
+            raise NonFiniteLossError(f"{msg}; {self.counters['nonfinite_skips']} steps skipped, more than "
+                                     f"train.max_nonfinite_skips={t.max_nonfinite_skips}")
+        log.warning("%s: step skipped (%d so far)", msg, self.counters["nonfinite_skips"])
+        return False
+
+    def _clip(self) -> None:
+        # DeepSpeed clips inside step() (gradient_clipping in its config); the others clip here,
+        # after the boundary backward has reduced the gradients over ranks.
+        if self.cfg.train.grad_clip > 0 and self.engine.kind != "deepspeed":
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+
+    def _lr(self) -> float:
+        sched = self.scheduler
+        return float(sched.get_last_lr()[0]) if sched is not None else float("nan")
+
+    def _slow_metrics(self) -> dict[str, float]:
+        """Metrics worth a little time, only on logged steps: skips, memory, temperature."""
+        stats = self.loader.stats
+        out = {f"data/{k}": float(v) for k, v in stats.items()}
+        out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples"))
+        out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
+        out.update(memory_stats(self.rt.device))
+        return out
+
+    # -- evaluation and checkpoints ---------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot retrieval on data.eval_shards (all ranks take part; rank 0 logs)."""
+        if not self.cfg.data.eval_shards:
+            return {}
+        from vlscale.train.evaluate import evaluate_retrieval
+
+        results = evaluate_retrieval(self.engine, self.cfg, self.model.tokenizer, self.model.data_config(),
+                                     self.cfg.data.eval_shards)
+        self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
+        self.logger.message(f"step {self.step}: " + ", ".join(f"{k}={v:.2f}" for k, v in results.items()))
+        return results
+
+    def _memory_report(self) -> None:
+        """Every rank's peak memory, gathered into <run_dir>/memory.json (the demo prints it)."""
+        mine = memory_stats(self.rt.device)
+        reports = [mine]
+        if self.rt.world_size > 1:
+            reports = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(reports, mine)
+        if self.rt.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps({"ranks": reports}, indent=2) + "\n")
+
+    def save(self) -> Path:
+        trainer_state = {"counters": dict(self.counters)}
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, engine=self.engine, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
+                                    trainer_state=trainer_state, keep=self.cfg.train.keep_checkpoints)
+
+    def close(self) -> None:
+        shutdown(self.rt)
+
+
+def train(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
+    """Build a :class:`Trainer`, run it, tear the process group down (also on errors)."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
