@@ -46,10 +46,19 @@ def naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> tor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def vlscale_loss(impl: str) -> Callable:
+def vlscale_loss(impl: object) -> Callable:
     from vlscale.loss import contrastive_loss
 
     return lambda img, txt, scale: contrastive_loss(img, txt, scale, impl=impl)
+
+
+def triton_loss(overrides: dict) -> Callable:
+    """vlscale's triton backend, with KernelSettings ``overrides`` (e.g. ``{"block_n": 128}``)."""
+    if not overrides:
+        return vlscale_loss("triton")
+    from vlscale.loss.triton_backend import TritonBackend
+
+    return vlscale_loss(TritonBackend(**overrides))
 
 
 def infcl_loss() -> Callable | str:
@@ -66,11 +75,13 @@ def infcl_loss() -> Callable | str:
     return loss
 
 
-def provider_fn(name: str, d: int) -> Callable | str:
+def provider_fn(name: str, d: int, overrides: dict | None = None) -> Callable | str:
     if name == "naive":
         return naive_loss
-    if name in ("chunked", "triton"):
+    if name == "chunked":
         return vlscale_loss(name)
+    if name == "triton":
+        return triton_loss(overrides or {})
     if name == "infcl":
         if d % 256:
             return f"Inf-CL needs D divisible by 256 (D={d})"
@@ -142,7 +153,10 @@ def errors_vs_float64(loss_fn: Callable, img, txt, t) -> dict[str, float]:
 
 def measure(name: str, b: int, d: int, args, device: torch.device, rate: float) -> dict:
     row = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": args.mode}
-    fn = provider_fn(name, d)
+    overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
+    if overrides:
+        row["triton_settings"] = overrides
+    fn = provider_fn(name, d, overrides)
     if isinstance(fn, str):
         return {**row, "status": "skipped", "note": fn}
     dtype = DTYPES[args.dtype]
@@ -165,6 +179,10 @@ def measure(name: str, b: int, d: int, args, device: torch.device, rate: float) 
             row["max_rel_err_vs_fp64"] = errors_vs_float64(fn, img, txt, t)
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom")
+    except Exception as exc:  # e.g. triton OutOfResources for a tuning candidate: record, go on
+        if not args.tune:
+            raise
+        row.update(status="failed", note=f"{type(exc).__name__}: {str(exc)[:200]}")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -213,6 +231,38 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Coordinate descent over the Triton tile settings: one axis at a time, keep the fastest value.
+TUNE_AXES = {
+    "block_n": [64, 128],
+    "block_m": [64, 128],
+    "block_d": [32, 64, 128],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3, 4],
+    "grad_block_m": [32, 64, 128],
+    "grad_block_n": [32, 64, 128],
+}
+
+
+def tune(args, device: torch.device, rate: float) -> list[dict]:
+    """Time the triton provider for each candidate setting at the first (B, D); every try is recorded."""
+    b, d = int(args.sizes.split(",")[0]), int(args.dims.split(",")[0])
+    best: dict = json.loads(args.triton_settings) if args.triton_settings else {}
+    rows = []
+    for axis, values in TUNE_AXES.items():
+        timed = {}
+        for v in values:
+            args.triton_settings = json.dumps({**best, axis: v})
+            rows.append(measure("triton", b, d, args, device, rate))
+            print(json.dumps(rows[-1]), flush=True)
+            if rows[-1]["status"] == "ok":
+                timed[v] = rows[-1]["ms"]
+        if timed:
+            best[axis] = min(timed, key=timed.get)
+    args.triton_settings = json.dumps(best)
+    print(f"best triton settings at B={b}, D={d}: {args.triton_settings}", flush=True)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated batch sizes B")
@@ -224,10 +274,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-max", type=int, default=8192, help="largest B checked against float64")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, not speed)")
+    p.add_argument("--triton-settings", default="", help='JSON KernelSettings overrides, e.g. {"block_n": 128}')
+    p.add_argument("--tune", action="store_true",
+                   help="first tune the triton tiles at the first size/dim (every try recorded), then sweep")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.dims, args.dtype, args.reps, args.check_max = "40", "32", "fp32", 1, 10**9
-        args.providers = "naive,chunked,triton,infcl"
     args.rate_dtype = "bf16" if not args.smoke else "fp32"
     return args
 
@@ -239,7 +291,7 @@ def main(argv: list[str] | None = None) -> Path:
         print("smoke: TRITON_INTERPRET is not 1, the triton provider will be skipped", file=sys.stderr)
         args.providers = args.providers.replace("triton", "").strip(",").replace(",,", ",")
     rate = matmul_tflops(DTYPES[args.rate_dtype], device, 8192 if device.type == "cuda" else 256)
-    rows = []
+    rows = tune(args, device, rate) if args.tune else []
     for d in (int(x) for x in args.dims.split(",")):
         for b in (int(x) for x in args.sizes.split(",")):
             for name in args.providers.split(","):

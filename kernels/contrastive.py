@@ -34,6 +34,7 @@ arithmetic is wrong); on a GPU the dots stay in the input dtype with fp32 accumu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·log2 e)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x·log2 e); constexpr so kernels may read it
 LN2 = math.log(2.0)
 
 
@@ -186,21 +187,33 @@ def _pow2(x: int, lo: int = 16, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def kernel_settings(m: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> KernelSettings:
     """Block sizes keyed on the shape and device (the single place they are chosen).
 
     Interpreter: 32×32 tiles (few interpreted programs), fp32 everywhere, 2×2 bands so the band
     logic is exercised. GPU: FlashAttention-2-style 128×64 forward tiles, 64×64 backward tiles,
-    BLOCK_D=64, and enough bands for ~4 programs per SM. These GPU values are untuned (no GPU was
-    available when they were written); retune with ``benchmarks/bench_contrastive_loss.py``.
+    BLOCK_D=64 (32 for fp32), 8 warps, 3 stages, and enough bands for ~4 programs per SM.
+
+    What was tried: only ahead-of-time compilation (no GPU was available when these were chosen):
+    with bf16 at these sizes ptxas reports 248–255 registers and no spills on sm_90 (wgmma) and
+    ≤ 12 bytes of spill on sm_80; shared memory 24 KiB (forward) and 32 KiB (backward); fp32 with
+    BLOCK_D=64 needed 144–160 KiB, hence 32. The values are untimed: retune them on a GPU with
+    ``benchmarks/bench_contrastive_loss.py`` (``tests/test_loss_kernels.py`` re-checks compilation).
     """
     block_d = _pow2(d, hi=64)
     if interpreting() or device.type != "cuda":
         bm = bn = 32
         return KernelSettings(bm, bn, block_d, row_bands=2, col_bands=2, input_precision="ieee",
                               upcast=True, grad_block_m=32, grad_block_n=32)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     bm, bn = 128, 64
+    if dtype == torch.float32:  # 4-byte tiles: halve BLOCK_D so 3 stages fit in sm_86's 99 KiB
+        block_d = _pow2(d, hi=32)
     tiles_m, tiles_n = triton.cdiv(m, bm), triton.cdiv(n, bn)
     side = max(1, math.isqrt(4 * sms))
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # "tf32" is a no-op for 16-bit inputs
@@ -267,6 +280,6 @@ def grad(q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor |
     cl = None if col_lse is None else col_lse.float().contiguous()
     s = scale.detach().reshape(1).to(torch.float32).contiguous()
     mult = s[0] * alpha
-    dq = _grad_rows(q, k, s, rl, rc, cl, cc, cfg) * mult
-    dk = _grad_rows(k, q, s, cl, cc, rl, rc, cfg) * mult if need_dk else None
+    dq = _grad_rows(q, k, s, rl, rc, cl, cc, cfg).mul_(mult)  # in place: no second B×D fp32 buffer
+    dk = _grad_rows(k, q, s, cl, cc, rl, rc, cfg).mul_(mult) if need_dk else None
     return dq, dk

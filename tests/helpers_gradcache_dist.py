@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import traceback
 from typing import Any
 
@@ -59,9 +60,10 @@ def ds_config(stage: int, *, dtype: str | None = None, extra: dict | None = None
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 by default
     }
     if dtype == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "hysteresis": 1, "loss_scale_window": 1000}
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1, "loss_scale_window": 1000}
     elif dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     cfg.update(extra or {})
@@ -93,7 +95,7 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
     torch.manual_seed(0)
     model = TinyDualEncoder(**(model_kw or {}))
     ref = copy.deepcopy(model)
-    engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+    engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
                           ds_config=ds_config(stage), coalesce=coalesce)
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
@@ -104,7 +106,7 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
     average_grads(ref)
     grad_err, grad_at = max_rel_err(grads, _present(ref))
     applied = engine.optimizer_step()
-    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=1e-2).step()
+    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9).step()
     param_err, param_at = max_rel_err(_full_params(engine), {n: p.detach() for n, p in ref.named_parameters()})
     return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
             "loss_err": _worst(abs(float(res.loss) - float(ref_loss))), "applied": applied,
@@ -122,7 +124,7 @@ def fp16_overflow_case(rank: int) -> dict:
     for name, chunk in (("cached", SIZES), ("plain", None)):
         torch.manual_seed(0)
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)  # same function for both step kinds
-        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
                               ds_config=ds_config(2, dtype="fp16"))
         gc = GradCache(engine, chunk_sizes=chunk or {})
         before = _full_params(engine)
@@ -147,7 +149,7 @@ def bf16_case(stage: int, rank: int) -> dict:
     for name, chunk in (("cached", SIZES), ("plain", None)):
         torch.manual_seed(0)
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)
-        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2),
+        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
                               ds_config=ds_config(stage, dtype="bf16"))
         GradCache(engine, chunk_sizes=chunk or {}).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
         grads[name] = {n: g.float().clone() for n, g in _full_grads(engine).items() if g is not None}
@@ -162,6 +164,7 @@ def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_pa
         for case in cases:
             kind, *args = case
             key = "-".join(str(a) for a in case)
+            start = time.perf_counter()
             if kind == "zero":
                 stage, coalesce, model_kw = args
                 results[key] = ds_case(stage, rank, coalesce, model_kw)
@@ -169,6 +172,7 @@ def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_pa
                 results[key] = fp16_overflow_case(rank)
             elif kind == "bf16":
                 results[key] = bf16_case(args[0], rank)
+            results[key]["secs"] = round(time.perf_counter() - start, 2)
     except Exception:
         results["error"] = traceback.format_exc()
         raise
@@ -188,7 +192,7 @@ def fsdp_case(rank: int, kind: str) -> dict:
     ref = copy.deepcopy(model)
     wrapped = DDP(model, find_unused_parameters=True) if kind == "ddp" else model
     engine = build_engine("fsdp" if kind == "fsdp" else "local", wrapped,
-                          optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-2))
+                          optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9))
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
     GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)
@@ -202,7 +206,7 @@ def fsdp_case(rank: int, kind: str) -> dict:
     average_grads(ref)
     grad_err, grad_at = max_rel_err(grads, _present(ref))
     engine.optimizer_step()
-    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=1e-2).step()
+    torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9).step()
     params = {n: full(p.detach()) for n, p in engine.module.named_parameters()}
     param_err, param_at = max_rel_err(params, {n: p.detach() for n, p in ref.named_parameters()})
     return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from vlscale.data import ShardIndex, build_loader
+from vlscale.data import Batch, ShardIndex, build_loader
 from vlscale.data.dataset import ShardDataset
 from vlscale.data.stream import Unit, epoch_order, worker_range, worker_spans
 from vlscale.data.synthetic import write_synthetic_shards
@@ -59,7 +59,7 @@ def _keys(index: ShardIndex, *, world: int, workers: int, debiased: bool, drop_l
         ds = ShardDataset(index, batch_size=4, transform=build_transform(train=True, image_size=4), rank=rank,
                           world_size=world, seed=1, shuffle_buffer=5, debiased=debiased, drop_last=drop_last)
         ds.configure(epoch=epoch, num_workers=workers)
-        out.append([k for b in ds.iter_worker(w) for k in b.keys])
+        out.append([k for b in ds.iter_worker(w) if isinstance(b, Batch) for k in b.keys])
     return out
 
 

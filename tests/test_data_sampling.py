@@ -45,7 +45,7 @@ def test_source_frequencies_match_sizes_throughout_the_epoch() -> None:
 
 
 def test_schedule_is_seeded() -> None:
-    assert _schedule(3) == _schedule(3) and _schedule(3) != _schedule(4)
+    assert _schedule(3, 100) == _schedule(3, 100) and _schedule(3, 100) != _schedule(4, 100)
 
 
 def test_drop_last_skips_streams_that_cannot_fill_a_batch() -> None:

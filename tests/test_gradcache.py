@@ -9,7 +9,11 @@ the RNG state it leaves behind.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +143,19 @@ def test_nonfinite_loss_is_flagged_and_still_backpropagated() -> None:
     res = GradCache(engine, chunk_size=4).step(make_batch(8, seed=0), lambda e: clip_loss(e, float("inf")))
     assert not res.finite
     assert not torch.isfinite(model.logit_t.grad).all()
+
+
+def test_bench_smoke_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's CPU smoke config runs end to end and writes a well-formed record."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gradcache.py"
+    spec = importlib.util.spec_from_file_location("bench_gradcache", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gradcache", bench)  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["smoke"] is True and record["device"] == "cpu"
+    assert {(r["mode"], r["batch"]) for r in record["rows"]} == {(m, b) for m in ("plain", "cached") for b in (8, 12)}
+    assert all(r["ms"] > 0 for r in record["rows"])
+    assert record["summary"]["largest_plain_batch"] == 12

@@ -37,7 +37,7 @@ class Pair:
     key: str
     caption: str
     image: bytes | None = None
-    path: Path | None = None  # read lazily by the writer (a missing file is counted there)
+    path: Path | None = None  # read lazily by the writer; no image and no path = missing file
     concepts: list[str] | None = None
 
 
@@ -124,8 +124,7 @@ def _tar_pairs(tar_path: str) -> Iterator[Pair]:
         meta = json.loads(parts["json"]) if "json" in parts else {}
         text = parts.get("txt") or parts.get("caption")
         caption = text.decode("utf-8", "replace") if text is not None else str(meta.get("caption", ""))
-        return Pair(key=key, caption=caption, image=image, concepts=_concepts(meta.get("concepts")),
-                    path=None if image is not None else Path(tar_path) / f"{key}.<image>")
+        return Pair(key=key, caption=caption, image=image, concepts=_concepts(meta.get("concepts")))
 
     with tarfile.open(tar_path, "r:*") as tar:
         key, parts = None, {}
@@ -194,7 +193,9 @@ def build_shards(specs: list[SourceSpec], out_dir: str | Path, *, target_shard_b
     for spec, writer in zip(specs, writers):
         bar = tqdm(desc=f"{spec.name}", unit=" pairs", disable=not progress)
         for pair in source_pairs(spec):
-            if pair.image is None:
+            if pair.image is None and pair.path is None:
+                writer.reject("missing_file")
+            elif pair.image is None:
                 writer.add_file(pair.path, caption=pair.caption, key=pair.key, concepts=pair.concepts)
             else:
                 writer.add(image_bytes=pair.image, caption=pair.caption, key=pair.key, concepts=pair.concepts)

@@ -54,6 +54,17 @@ class Batch:
         return out
 
 
+@dataclass
+class EndOfStream:
+    """Last item of each worker's stream: its final position and skip counts, so skips after
+    its last batch (or in a worker that made no batch at all) still reach ``loader.stats``.
+    ``ShardLoader`` consumes it; the training loop never sees it."""
+
+    worker: int
+    state: dict
+    stats: dict
+
+
 def _pad(seqs: Sequence[Sequence[int]], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), max_length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), max_length), dtype=torch.long)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlscale.data.collate import Batch, collate
+from vlscale.data.collate import Batch, EndOfStream, collate
 from vlscale.data.sampling import MIXED, BatchScheduler
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
 from vlscale.data.transforms import ImageTransform, decode_image
@@ -74,11 +74,11 @@ class ShardDataset(IterableDataset):
                                       stream_id=(s, g), shuffle=self.shuffle, on_error=self.on_error)
         return streams
 
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self, num_workers: int) -> int:
         """Batches this rank yields in one epoch if no sample is skipped (an upper bound otherwise)."""
-        total = 0
-        for w in range(self.num_workers):
-            g, num_global = global_worker(self.rank, self.world_size, w, self.num_workers)
+        total, num_workers = 0, max(1, num_workers)
+        for w in range(num_workers):
+            g, num_global = global_worker(self.rank, self.world_size, w, num_workers)
             for units in self.stream_units.values():
                 rows = sum(self.index.units[u].rows for u in units)
                 lo, hi = worker_range(rows, g, num_global, rows // num_global if self.drop_last else None)
@@ -87,7 +87,7 @@ class ShardDataset(IterableDataset):
         return total
 
     # -- iteration -----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | EndOfStream]:
         info = get_worker_info()
         num_workers = 1 if info is None else info.num_workers
         if num_workers != self.num_workers:
@@ -95,7 +95,7 @@ class ShardDataset(IterableDataset):
         worker = 0 if info is None else (self.worker_offset + info.id) % num_workers
         return self.iter_worker(worker)
 
-    def iter_worker(self, worker: int) -> Iterator[Batch]:
+    def iter_worker(self, worker: int) -> Iterator[Batch | EndOfStream]:
         """The batches of logical worker ``worker`` (of ``num_workers``) in this epoch, from its
         saved position on. ``__iter__`` calls it in each DataLoader worker; tests call it directly."""
         g, num_global = global_worker(self.rank, self.world_size, worker, self.num_workers)
@@ -118,6 +118,8 @@ class ShardDataset(IterableDataset):
             batch.state = {"epoch": self.epoch, "k": k, "pos": dict(positions)}
             batch.stats = dict(stats)
             yield batch
+        yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions)},
+                          stats=dict(stats))
 
     def _fill(self, stream: RowStream, position: int, rng: np.random.Generator,
               stats: Counter) -> tuple[list[np.ndarray], list[dict], int]:

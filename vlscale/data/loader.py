@@ -48,8 +48,7 @@ class ShardLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (exact unless samples are skipped, then an upper bound)."""
-        self.dataset.configure(num_workers=self.logical_workers)
-        return self.dataset.batches_per_epoch()
+        return self.dataset.batches_per_epoch(self.logical_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""
@@ -83,7 +82,8 @@ class ShardLoader:
             self._worker_states[batch.worker] = batch.state
             self._live_stats[batch.worker] = batch.stats
             self._next_worker = (batch.worker + 1) % self.logical_workers
-            yield batch
+            if isinstance(batch, Batch):  # EndOfStream only carries bookkeeping
+                yield batch
         self._fold_stats()
         self.epoch, self._worker_states, self._next_worker = self.epoch + 1, {}, 0
 

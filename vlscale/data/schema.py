@@ -92,8 +92,14 @@ def check_schema(schema: pa.Schema, path: str | Path) -> None:
             raise ValueError(f"{path}: column {name!r} has type {typ}, expected one of {[str(a) for a in accepted]}")
     if "concepts" in names:
         typ = schema.field("concepts").type
+        if pa.types.is_null(typ):  # all-null column inferred by another tool: no concepts
+            return _check_version(schema, path)
         if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_string(typ.value_type):
             raise ValueError(f"{path}: column 'concepts' has type {typ}, expected list<string>")
+    _check_version(schema, path)
+
+
+def _check_version(schema: pa.Schema, path: str | Path) -> None:
     version = read_metadata(schema).get("schema_version", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:
         raise ValueError(f"{path}: schema version {version} is newer than supported ({SCHEMA_VERSION}); upgrade vlscale")

@@ -81,13 +81,21 @@ class ImageTransform:
         return (x, y, x + cw, y + ch)
 
     def _center_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        # Resizing the short side to size/crop_pct then center-cropping `size` equals cropping a
-        # (size/scale) box of the original and resizing it once: one resample, same geometry.
+        # timm's eval geometry (Resize(floor(size / crop_pct)) then CenterCrop(size), with
+        # torchvision's integer rounding) expressed as a box of the original image, so the image
+        # is resampled once: same pixels as the two-step pipeline at a fraction of the cost.
         h, w = self.size
-        scale = max(h, w) / self.crop_pct / min(width, height)
-        cw, ch = w / scale, h / scale
-        x, y = (width - cw) / 2, (height - ch) / 2
-        return (x, y, x + cw, y + ch)
+        if h == w:  # resize the short side, keep the aspect ratio (torchvision Resize(int))
+            short = math.floor(h / self.crop_pct)
+            if width <= height:
+                rw, rh = short, int(short * height / width)
+            else:
+                rw, rh = int(short * width / height), short
+        else:  # timm resizes to the exact (H, W) / crop_pct for non-square inputs
+            rh, rw = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+        sx, sy = width / rw, height / rh
+        return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
 def build_transform(*, train: bool, image_size: int | tuple[int, int] | None = 224,

@@ -133,7 +133,7 @@ class ShardWriter:
         path = Path(path)
         try:
             data = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
+        except OSError:  # not found, a directory, no permission: the pair has no image
             return self.reject("missing_file")
         return self.add(image_bytes=data, caption=caption, key=key if key is not None else path.stem,
                         concepts=concepts)

@@ -16,13 +16,18 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_MM_OUT_DTYPE = {"ok": True}  # set False once torch.mm(out_dtype=) fails (older torch, old GPU)
+
+
 def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """``a @ b`` with an ``acc``-typed result; 16-bit CUDA inputs stay 16-bit inside cuBLAS."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
-        try:
-            return torch.mm(a, b, out_dtype=acc)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=)
-            return (a @ b).to(acc)
+        if _MM_OUT_DTYPE["ok"]:
+            try:
+                return torch.mm(a, b, out_dtype=acc)  # fp32 output: S is not rounded to 16 bits
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE["ok"] = False
+        return (a @ b).to(acc)
     return a.to(acc) @ b.to(acc)
 
 
@@ -89,4 +94,4 @@ class ChunkedBackend:
             if dk is not None:
                 dk[cs] += _mm(p.T, q[rs], acc)
         mult = s * alpha
-        return dq * mult, (dk * mult if dk is not None else None)
+        return dq.mul_(mult), (dk.mul_(mult) if dk is not None else None)

@@ -6,7 +6,7 @@ all on one process group, issued in the same order on every rank:
 =====================  ==========================  ===========================================
 when                   collective                  payload per rank
 =====================  ==========================  ===========================================
-forward, first         all-gather  (metadata)      ``META_FIELDS`` float64 (sizes, checks)
+forward, first         all-gather  (metadata)      ``len(META_FIELDS)`` float64
 forward                all-gather  (keys)          ``n_max·D`` in the input dtype (async)
 forward, mix only      all-gather  (labels_b)      ``n_max`` int64 (async, symmetric loss only)
 forward, symmetric     all-reduce MAX + SUM        ``2·N`` fp32: column log-sum-exp merge
@@ -40,6 +40,8 @@ META_FIELDS = (
     "dim",  # D
     "dtype",  # dtype code of the embeddings
     "flags",  # bit mask of FLAG_BITS (must agree on every rank: they decide which collectives run)
+    "finite",  # 1 when this rank's embeddings and scale are finite and the scale is > 0
+    "scale",  # the logit scale s (a replicated parameter: must be equal on every rank)
     "lam",  # mixup weight (1.0 without mix)
     "label_min",  # smallest label / mix label given on this rank (+inf if none)
     "label_max",  # largest label / mix label given on this rank (-inf if none)
@@ -85,6 +87,11 @@ def flag_mask(**flags: bool) -> float:
     return float(sum(1 << FLAG_BITS.index(name) for name, on in flags.items() if on))
 
 
+def flag_names(mask: float) -> set[str]:
+    """The names of the bits set in a :func:`flag_mask` value."""
+    return {name for i, name in enumerate(FLAG_BITS) if int(mask) >> i & 1}
+
+
 def extra_fingerprint(extra: Tensor | None) -> dict[str, float | Tensor]:
     """Rows, Σ entries and an order-weighted Σ of row sums of the extra keys (no full-size copy)."""
     if extra is None:
@@ -126,6 +133,7 @@ class PendingGather:
     buffer: Tensor  # (W·n_max, …) padded pieces, one per rank
     sizes: list[int]
     work: object | None
+    source: Tensor | None = None  # this rank's (padded) piece: kept alive until the gather is done
 
     @property
     def even(self) -> bool:
@@ -134,7 +142,7 @@ class PendingGather:
     def wait(self) -> Tensor:
         if self.work is not None:
             self.work.wait()
-            self.work = None
+            self.work, self.source = None, None
         if self.even:
             return self.buffer
         n_max = max(self.sizes)
@@ -148,7 +156,7 @@ def start_all_gather(x: Tensor, sizes: list[int], group: object) -> PendingGathe
     piece = _pad_rows(x.detach(), n_max)
     buffer = piece.new_empty((len(sizes) * n_max, *piece.shape[1:]))
     work = getattr(dist, _ALL_GATHER)(buffer, piece, group=group, async_op=True)
-    return PendingGather(buffer, sizes, work)
+    return PendingGather(buffer, sizes, work, piece)
 
 
 class GroupComm:
@@ -164,14 +172,14 @@ class GroupComm:
 
     def merge_col_lse(self, col_lse_partial: Tensor) -> Tensor:
         """Log-sum-exp all-reduce of O(N) floats: all-reduce MAX, then SUM of exp-shifted values."""
-        c = col_lse_partial.float()
+        c = col_lse_partial
         peak = c.clone()
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
         # A column no rank saw (impossible with non-empty ranks) would have peak −inf: keep it finite.
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
         total = torch.exp(c - peak)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return (peak + torch.log(total)).to(col_lse_partial.dtype)
+        pass
+        return peak + torch.log(total)
 
     def reduce_dk(self, dk_all: Tensor) -> Tensor:
         """Reduce-scatter the partial column gradients; each rank receives its own rows."""

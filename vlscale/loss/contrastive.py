@@ -59,6 +59,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from vlscale.loss.backend import LossBackend
 from vlscale.loss.backends import get_backend
@@ -171,6 +172,28 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# Row blocks for the O((M+N)·D) torch parts: bounds their fp32 temporaries to _ROWS·D floats
+# (128 MiB at D = 512) instead of a full fp32 copy of the embeddings (1 GiB at B = 262,144).
+_ROWS = 65536
+
+
+def _pair_scores(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor, acc: torch.dtype) -> Tensor:
+    """``⟨q[rows_p], k[cols_p]⟩`` for every target pair, in ``acc``."""
+    out = [(q[r].to(acc) * k[c].to(acc)).sum(-1) for r, c in zip(rows.split(_ROWS), cols.split(_ROWS))]
+    return torch.cat(out) if out else q.new_zeros(0, dtype=acc)
+
+
+def _scatter_pairs(out: Tensor, idx: Tensor, w: Tensor, src: Tensor, src_idx: Tensor) -> None:
+    """``out[idx_p] += w_p · src[src_idx_p]`` (in place, in ``out``'s dtype)."""
+    for i, ww, j in zip(idx.split(_ROWS), w.split(_ROWS), src_idx.split(_ROWS)):
+        out.index_add_(0, i, ww[:, None] * src[j].to(out.dtype))
+
+
+def _dot_sum(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_ij a_ij·b_ij`` in ``a``'s dtype without a full-size converted copy of ``b``."""
+    return sum(((x * y.to(a.dtype)).sum() for x, y in zip(a.split(_ROWS), b.split(_ROWS))), a.new_zeros(()))
+
+
 class _FusedLoss(torch.autograd.Function):
     """forward: O(M+N) statistics from one ``lse`` call; backward: one ``grad`` call + sparse terms."""
 
@@ -183,7 +206,7 @@ class _FusedLoss(torch.autograd.Function):
         if extra is not None:
             row_lse = torch.logaddexp(row_lse, backend.lse(q, extra, s, need_col=False)[0])
         col_lse = comm.merge_col_lse(col_lse) if has_col else None
-        pair_s = s * (q[plan.pair_rows].to(acc) * k_all[plan.pair_cols].to(acc)).sum(-1)
+        pair_s = s * _pair_scores(q, k_all, plan.pair_rows, plan.pair_cols, acc)
         local = plan.row_coef * row_lse.to(acc).sum() - (plan.pair_coef.to(acc) * pair_s).sum()
         if has_col:
             mine = col_lse[plan.col_offset : plan.col_offset + k.shape[0]]
@@ -194,6 +217,7 @@ class _FusedLoss(torch.autograd.Function):
         return comm.sum_scalar(local)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k_all, extra, s, row_lse, col_lse = ctx.saved_tensors
         plan, backend, comm = ctx.plan, ctx.backend, ctx.comm
@@ -208,15 +232,16 @@ class _FusedLoss(torch.autograd.Function):
             dq = dq + backend.grad(q, extra, s, row_lse, None, rc, None, need_dk=False)[0].to(acc)
         # Sparse target terms: dS_p = −g·coef_p at each pair.
         w = (-g * s) * plan.pair_coef.to(acc)
-        dq.index_add_(0, plan.pair_rows, w[:, None] * k_all[plan.pair_cols].to(acc))
+        _scatter_pairs(dq, plan.pair_rows, w, k_all, plan.pair_cols)
         dk = None
         if need_k:
             dk_all = dk_all.to(acc)
-            dk_all.index_add_(0, plan.pair_cols, w[:, None] * q[plan.pair_rows].to(acc))
+            _scatter_pairs(dk_all, plan.pair_cols, w, q, plan.pair_rows)
             dk = comm.reduce_dk(dk_all).to(k_all.dtype)
+            del dk_all
         ds = None
         if need_s:
-            ds = comm.sum_scalar((dq * q.to(acc)).sum()) / s
+            ds = comm.sum_scalar(_dot_sum(dq, q)) / s
             ds = ds.reshape(ctx.scale_shape).to(ctx.scale_dtype)
         return dq.to(q.dtype), dk, ds, None, None, None, None, None
 

@@ -9,9 +9,10 @@ open_clip's local loss. The math is the single-process autograd core,
 the communication (:mod:`vlscale.loss.comm`) and the gradient convention.
 
 Algorithm (per call)
-    1. All-gather a small metadata vector (sizes, dtype, D, grad flags, mixup λ, label ranges,
-       a fingerprint of ``extra_keys``): uneven sizes are handled by padding, and inconsistent
-       inputs raise the same ``ValueError`` on every rank instead of hanging a collective.
+    1. All-gather a small metadata vector (sizes, dtype, D, grad flags, finiteness, the scale,
+       mixup λ, label ranges, a fingerprint of ``extra_keys``): uneven sizes are handled by
+       padding, and bad or inconsistent inputs raise the same ``ValueError`` on every rank
+       instead of leaving the other ranks hanging in a collective.
     2. All-gather the column side (text / keys; O(N·D)) asynchronously; with mixup, all-gather
        the ``labels_b`` slices too (O(N) int64, symmetric loss only).
     3. Row log-sum-exps are complete locally; column log-sum-exps (symmetric loss) are partial
@@ -73,6 +74,7 @@ from vlscale.loss.comm import (
     exchange_meta,
     extra_fingerprint,
     flag_mask,
+    flag_names,
     start_all_gather,
 )
 from vlscale.loss.contrastive import fused_loss, one_way_plan, symmetric_plan
@@ -132,7 +134,7 @@ class _OverlappedGather:
                 r, c = self.inner.lse(q, k[part], scale, **kw)
                 rows.append(r)
                 cols.append((part.start, c))
-        row = torch.logsumexp(torch.stack([r.float() for r in rows]), dim=0).to(row_local.dtype)
+        row = torch.logsumexp(torch.stack(rows), dim=0)
         if col_local is None:
             return row, None
         cols.append((lo, col_local))
@@ -192,15 +194,25 @@ def _meta(q: Tensor, k: Tensor, scale: Tensor, *, lam: float, labels: tuple[Tens
     flags = flag_mask(grad_enabled=torch.is_grad_enabled(), q_grad=q.requires_grad, k_grad=k.requires_grad,
                       scale_grad=scale.requires_grad, default_labels=default_labels, mix=mix,
                       extra=extra is not None)
+    s = scale.detach().reshape(()).double()
+    finite = torch.stack([torch.isfinite(q).all(), torch.isfinite(k).all(), torch.isfinite(s) & (s > 0)]).all()
     return {"rows": float(q.shape[0]), "cols": float(k.shape[0]), "dim": float(q.shape[1]),
-            "dtype": dtype_code(q.dtype), "flags": flags, "lam": lam, "label_min": lo, "label_max": hi,
-            **extra_fingerprint(extra)}
+            "dtype": dtype_code(q.dtype), "flags": flags, "finite": finite, "scale": s, "lam": lam,
+            "label_min": lo, "label_max": hi, **extra_fingerprint(extra)}
 
 
 def _validate(layout: Layout, *, paired: bool, labels_bound: int) -> None:
     """Raise the same ValueError on every rank (all ranks see the same gathered metadata)."""
+    bad = [r for r, ok in enumerate(layout.field("finite")) if not ok]
+    if bad:
+        raise ValueError(f"non-finite embeddings or logit_scale (or logit_scale <= 0) on rank(s) {bad}")
+    masks = layout.field("flags")
+    if len(set(masks)) != 1:
+        differ = set.union(*map(flag_names, masks)) - set.intersection(*map(flag_names, masks))
+        raise ValueError(f"ranks disagree on {sorted(differ)} (requires_grad, grad mode, labels=None, mix and "
+                         "extra_keys must be the same on every rank: they decide which collectives run)")
     for name, what in (("dim", "embedding dimension D"), ("dtype", "embedding dtype"),
-                       ("flags", "requires_grad / grad mode / labels=None / mix / extra_keys presence"),
+                       ("scale", "logit_scale (a replicated parameter)"),
                        ("lam", "mix lam"), ("extra_rows", "number of extra_keys")):
         vals = layout.field(name)
         if len(set(vals)) != 1:
@@ -230,6 +242,7 @@ def _gather_columns(
     pending = start_all_gather(k, sizes, group)
     if pending.even:
         return pending.buffer, _OverlappedGather(backend, pending, k, layout.offset("cols")), pending
+    log.debug("uneven local sizes %s: the column gather is not overlapped", sizes)
     return pending.wait(), backend, pending  # uneven: strip the padding before any compute
 
 

@@ -6,6 +6,8 @@ Runs on CUDA devices of compute capability ≥ 8.0 and, for tests, in Triton's C
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -13,21 +15,32 @@ from vlscale.kernels import contrastive as kern
 
 
 class TritonBackend:
-    """Fused kernels: forward O(M+N) statistics, backward recomputes S tile by tile."""
+    """Fused kernels: forward O(M+N) statistics, backward recomputes S tile by tile.
+
+    ``settings`` fixes every tile size (tests); otherwise :func:`kern.kernel_settings` picks them per
+    shape and ``overrides`` (KernelSettings field names, e.g. ``block_n=128``) replace some of them
+    (benchmark tuning).
+    """
 
     name = "triton"
 
-    def __init__(self, settings: kern.KernelSettings | None = None) -> None:
-        self.settings = settings  # None: kern.kernel_settings picks per shape
+    def __init__(self, settings: kern.KernelSettings | None = None, **overrides: object) -> None:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(kern.KernelSettings)}
+        if unknown:
+            raise ValueError(f"unknown kernel settings {sorted(unknown)}")
+        self.settings = settings
+        self.overrides = overrides
 
-    @staticmethod
-    def _check(q: Tensor) -> None:
+    def _cfg(self, q: Tensor, k: Tensor) -> kern.KernelSettings:
         if q.dtype == torch.float64:
             raise ValueError("the triton backend takes float16, bfloat16 or float32 embeddings, not float64")
+        if self.settings is not None:
+            return self.settings
+        cfg = kern.kernel_settings(q.shape[0], k.shape[0], q.shape[1], q.dtype, q.device)
+        return dataclasses.replace(cfg, **self.overrides) if self.overrides else cfg
 
     def lse(self, q: Tensor, k: Tensor, scale: Tensor, *, need_col: bool = True) -> tuple[Tensor, Tensor | None]:
-        self._check(q)
-        return kern.lse(q, k, scale, need_col=need_col, settings=self.settings)
+        return kern.lse(q, k, scale, need_col=need_col, settings=self._cfg(q, k))
 
     def grad(
         self,
@@ -41,6 +54,5 @@ class TritonBackend:
         *,
         need_dk: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
-        self._check(q)
         return kern.grad(q, k, scale, row_lse, col_lse, row_coef, col_coef, need_dk=need_dk,
-                         settings=self.settings)
+                         settings=self._cfg(q, k))

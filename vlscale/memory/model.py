@@ -184,6 +184,9 @@ def predict_memory(
     loss_workspace_bytes: float | None = None,
     zero3_live_params: int | None = None,
     engine_buffer_bytes: float = 0.0,
+    chunk_act_bytes_per_row: float | None = None,
+    act_fixed_bytes: float = 0.0,
+    step_transient_bytes: float | None = None,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory for one training step.
 
@@ -207,19 +210,32 @@ def predict_memory(
         zero3_live_params: parameters gathered at once under ZeRO-3 (default: DeepSpeed's
             prefetch bucket, 5·10⁷ elements, at most Ψ).
         engine_buffer_bytes: engine communication buckets (DeepSpeed's reduce/all-gather buckets).
+        chunk_act_bytes_per_row: activation bytes of one chunk row when the towers run one at a
+            time (gradient cache): the larger tower's cost. Default: ``act_bytes_per_pair``.
+        act_fixed_bytes: activation-phase bytes independent of the rows (e.g. a dense embedding
+            gradient in the backward); the intercept of :func:`~vlscale.memory.towers.measure_activation_cost`.
+        step_transient_bytes: temporaries of the optimizer step. Default: the fp32 copy of the
+            gradient partition this rank steps (``PrecisionSpec.step_grad`` bytes per parameter).
     """
     _check_positive(params=params, world_size=world_size, global_batch=global_batch, embed_dim=embed_dim)
-    if act_bytes_per_pair < 0 or input_bytes_per_pair < 0 or engine_buffer_bytes < 0:
-        raise ValueError("act_bytes_per_pair, input_bytes_per_pair and engine_buffer_bytes must be ≥ 0")
+    for name, v in {"act_bytes_per_pair": act_bytes_per_pair, "input_bytes_per_pair": input_bytes_per_pair,
+                    "engine_buffer_bytes": engine_buffer_bytes, "act_fixed_bytes": act_fixed_bytes,
+                    "chunk_act_bytes_per_row": chunk_act_bytes_per_row or 0.0,
+                    "step_transient_bytes": step_transient_bytes or 0.0}.items():
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {v!r}")
     if loss_impl not in LOSS_IMPLS:
         raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
     if global_batch % world_size:
         raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
     b_local = global_batch // world_size
-    if chunk is not None and not (isinstance(chunk, int) and 1 <= chunk):
+    if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     spec = precision_spec(precision)
     rows = b_local if chunk is None else min(chunk, b_local)
+    per_row = act_bytes_per_pair if chunk is None or chunk_act_bytes_per_row is None else chunk_act_bytes_per_row
+    step_transient = (spec.step_grad * params / (world_size if zero_stage >= 1 else 1)
+                      if step_transient_bytes is None else step_transient_bytes)
     d = embed_dim
 
     states = model_state_bytes(params, world_size, zero_stage, spec)
@@ -230,9 +246,9 @@ def predict_memory(
         "model states": states,
         "zero-3 gathered params": live,
         "engine buffers": float(engine_buffer_bytes),
-        "optimizer step transient": spec.step_grad * params / (world_size if zero_stage >= 1 else 1),
+        "optimizer step transient": float(step_transient),
         "inputs": rows * float(input_bytes_per_pair),
-        "activations": rows * float(act_bytes_per_pair),
+        "activations": rows * float(per_row) + act_fixed_bytes,
         "local embeddings": 2.0 * b_local * d * emb_bytes,
         "embedding grads": 2.0 * b_local * d * 4,
     }
@@ -256,8 +272,24 @@ def predict_memory(
               "global_batch": global_batch, "local_batch": b_local, "chunk": chunk, "embed_dim": d,
               "act_bytes_per_pair": act_bytes_per_pair, "loss_impl": loss_impl, "emb_bytes": emb_bytes,
               "input_bytes_per_pair": input_bytes_per_pair, "loss_block": list(loss_block),
-              "loss_workspace_bytes": loss_workspace_bytes, "engine_buffer_bytes": engine_buffer_bytes}
+              "loss_workspace_bytes": loss_workspace_bytes, "engine_buffer_bytes": engine_buffer_bytes,
+              "chunk_act_bytes_per_row": chunk_act_bytes_per_row, "act_fixed_bytes": act_fixed_bytes,
+              "step_transient_bytes": step_transient_bytes}
     return MemoryEstimate(comps, phases, config)
+
+
+def deepspeed_bucket_bytes(zero_stage: int, precision: str | PrecisionSpec, *,
+                           reduce_bucket_size: float = 5e8, overlap_comm: bool = False) -> float:
+    """Bytes of DeepSpeed's contiguous gradient-reduction buckets (ZeRO 1–3, ``contiguous_gradients``).
+
+    ``reduce_bucket_size`` elements each (DeepSpeed's default 5·10⁸ — not capped by the model size),
+    two with ``overlap_comm``. ZeRO-1 stages the fp32 accumulator, ZeRO-2/3 the 16-bit gradients.
+    """
+    if zero_stage == 0:
+        return 0.0
+    spec = precision_spec(precision)
+    elem = 4 if zero_stage == 1 else spec.grad
+    return float(reduce_bucket_size) * elem * (2 if overlap_comm else 1)
 
 
 def max_global_batch(cap_bytes: float, *, world_size: int, multiple_of: int | None = None,

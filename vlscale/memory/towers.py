@@ -6,15 +6,16 @@
   meta device (no compute) or a real one. It is a *lower bound* of the forward+backward activation
   peak: it misses the backward's transient buffers and autocast's fp32 copies. On meta, attention is
   counted as a fused (flash) kernel saves it — output and log-sum-exp — as it runs on a GPU.
-* :func:`measure_act_bytes_per_pair` measures the forward+backward peak per pair on a real device
-  (CUDA allocator or :class:`~vlscale.memory.tracker.LiveTensorBytes` on CPU) as the slope between
-  two chunk sizes, so constant costs (gradients, cached casts) drop out.
+* :func:`measure_activation_cost` measures the forward+backward peak on a real device (CUDA
+  allocator or :class:`~vlscale.memory.tracker.LiveTensorBytes` on CPU) at two chunk sizes and fits
+  ``fixed + n · per_row``, so per-row activations and constant transients are told apart.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -159,13 +160,23 @@ def _fwd_bwd_peak(model: nn.Module, inputs: dict[str, Tensor], tracker: MemoryTr
     return tracker.records[-1].delta_bytes
 
 
-def measure_act_bytes_per_pair(model: nn.Module, make_inputs: InputsFn, *, sizes: tuple[int, int] = (2, 4),
-                               autocast_dtype: torch.dtype | None = None, backend: str = "auto") -> float:
-    """Forward+backward activation bytes per pair, measured as the slope of the peak between sizes.
+@dataclass(frozen=True)
+class ActivationCost:
+    """Forward+backward activation peak of a chunk of n rows ≈ ``fixed + n · per_row`` bytes."""
 
-    Gradients are allocated by a warm-up step first (they are model states, not activations).
-    ``backend``: a :class:`MemoryTracker` backend; "auto" is the CUDA allocator on CUDA and the
-    exact "tensors" count elsewhere (RSS is too coarse for this).
+    per_row: float
+    fixed: float
+
+
+def measure_activation_cost(model: nn.Module, make_inputs: InputsFn, *, sizes: tuple[int, int] = (8, 24),
+                            autocast_dtype: torch.dtype | None = None, backend: str = "auto") -> ActivationCost:
+    """Measure the forward+backward activation peak at two chunk sizes; fit ``fixed + n · per_row``.
+
+    The peak is counted above the memory live before the step; gradients are allocated by a
+    warm-up step first (they are model states, not activations). ``fixed`` catches row-independent
+    transients such as a dense word-embedding gradient. ``backend``: a :class:`MemoryTracker`
+    backend; "auto" is the CUDA allocator on CUDA and the exact "tensors" count elsewhere (RSS is
+    too coarse for this). Pick sizes large enough that the activations dominate the transients.
     """
     n1, n2 = sizes
     if not 0 < n1 < n2:
@@ -179,9 +190,10 @@ def measure_act_bytes_per_pair(model: nn.Module, make_inputs: InputsFn, *, sizes
     try:
         with tracker.tracking():
             _fwd_bwd_peak(model, make_inputs(n1, device), tracker, "warmup", autocast_dtype)
-            peaks = [_fwd_bwd_peak(model, make_inputs(n, device), tracker, f"n={n}", autocast_dtype)
-                     for n in (n1, n2)]
+            p1, p2 = (_fwd_bwd_peak(model, make_inputs(n, device), tracker, f"n={n}", autocast_dtype)
+                      for n in (n1, n2))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return (peaks[1] - peaks[0]) / (n2 - n1)
+    per_row = max(0.0, (p2 - p1) / (n2 - n1))
+    return ActivationCost(per_row=per_row, fixed=max(0.0, p1 - per_row * n1))

@@ -163,11 +163,15 @@ class MemoryTracker:
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[MemoryTracker]:
-        """For the "tensors" backend: count every tensor created inside this block (phases too)."""
+        """For the "tensors" backend: count every tensor created inside this block (phases too).
+
+        Re-entering keeps counting the storages created in earlier blocks that are still alive.
+        """
         if self.backend != "tensors":
             yield self
             return
-        self._tensors = LiveTensorBytes()
+        if self._tensors is None:
+            self._tensors = LiveTensorBytes()
         with self._tensors:
             yield self
 

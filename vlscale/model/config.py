@@ -138,6 +138,11 @@ class ModelConfig:
         return len(self.hier_image_layers)
 
 
+def hier_key(tower: str, level: int) -> str:
+    """Output key of hierarchical level ``level``: ``image_hier``, ``image_hier1``, ``image_hier2`` …"""
+    return f"{tower}_hier" if level == 0 else f"{tower}_hier{level}"
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {value!r}")

@@ -15,17 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlscale.model.attention import resolve_attn_impl
-from vlscale.model.config import ModelConfig
+from vlscale.model.config import ModelConfig, hier_key
 from vlscale.model.heads import ProjectionHead
 from vlscale.model.tokenizer import build_tokenizer
 from vlscale.model.towers import TextTower, VisionTower
 
 log = logging.getLogger(__name__)
-
-
-def hier_key(tower: str, level: int) -> str:
-    """Output key of hierarchical level ``level``: ``image_hier``, ``image_hier1``, ``image_hier2`` …"""
-    return f"{tower}_hier" if level == 0 else f"{tower}_hier{level}"
 
 
 class DualEncoder(nn.Module):

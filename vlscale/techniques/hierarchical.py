@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from vlscale.loss import contrastive_loss
-from vlscale.model.dual_encoder import hier_key
+from vlscale.model.config import hier_key
 
 
 def hier_levels(embs: Mapping[str, Tensor]) -> int:

@@ -1,0 +1,166 @@
+"""The typed run config: recipes, overrides, validation errors, the DeepSpeed JSON and its checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vlscale.config import (
+    Config,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    load_recipe,
+    save_config,
+)
+from vlscale.demo_data import COLORS, HORIZONTAL, PREFIXES, SHAPES, VERTICAL
+from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "zerovl-v100", "fsdp2"])
+def test_named_recipes_load_and_roundtrip(name: str, tmp_path: Path) -> None:
+    cfg = load_recipe(name)
+    assert cfg.recipe == name
+    path = save_config(cfg, tmp_path / "config.json")
+    again = load_config(path)
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_zerovl_recipe_matches_the_paper_setup() -> None:
+    cfg = load_recipe("zerovl-v100")
+    assert (cfg.model.vision_model, cfg.model.text_model) == ("vit_base_patch16_224", "bert-base-uncased")
+    assert (cfg.train.precision, cfg.engine.kind, cfg.engine.zero_stage) == ("fp16", "deepspeed", 2)
+    assert cfg.gradcache.enabled and cfg.gradcache.chunk_size == 256
+    assert not cfg.model.learn_logit_scale and cfg.techniques.mixup and cfg.data.debiased
+    ds = to_deepspeed_config(cfg, world_size=8)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (16384, 2048)
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+
+
+def test_fsdp2_recipe() -> None:
+    cfg = load_recipe("fsdp2")
+    assert cfg.engine.kind == "fsdp" and cfg.train.precision == "bf16" and cfg.model.grad_checkpointing
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_recipe("tiny-cpu", ["train.lr=3e-4", "train.steps=7", "train.tensorboard=false",
+                                   "eval.ks=1,3", "model.vision_kwargs={\"depth\": 2}", "model.image_size=48"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.steps == 7 and cfg.train.tensorboard is False
+    assert cfg.eval.ks == [1, 3] and cfg.model.vision_kwargs == {"depth": 2} and cfg.model.image_size == 48
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'; did you mean lr"),
+        ("trian.lr=1", "unknown key 'trian'; did you mean train"),
+        ("train.lr", "must look like section.key=value"),
+        ("train.lr=fast", "train.lr='fast' must be float"),
+        ("train.steps=2.5", "train.steps=2.5 must be an integer"),
+        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.precision=fp8", "not one of ['fp32', 'fp16', 'bf16']"),
+        ("train.tensorboard=maybe", "must be a boolean"),
+        ("engine.zero_stage=4", "engine.zero_stage must be 0..3"),
+        ("train.grad_accum_steps=2", "train.grad_accum_steps must be 1"),
+        ("model.embed_dim=0", "embed_dim must be a positive int"),
+    ],
+)
+def test_bad_overrides_raise_clear_errors(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_recipe("tiny-cpu", [override])
+
+
+def test_inconsistent_sections_are_rejected() -> None:
+    with pytest.raises(ValueError, match="fp16 needs dynamic loss scaling"):
+        load_recipe("tiny-cpu", ["engine.kind=local", "engine.zero_stage=0", "train.precision=fp16"])
+    with pytest.raises(ValueError, match="only apply to kind='deepspeed'"):
+        load_recipe("tiny-cpu", ["engine.kind=local"])  # the recipe's zero_stage=2 left behind
+    with pytest.raises(ValueError, match="no recipe 'nope'"):
+        load_recipe("nope")
+
+
+def test_batch_arithmetic() -> None:
+    assert resolve_batch(TrainConfig(global_batch_size=96), 3) == (32, 1, 96)
+    assert resolve_batch(TrainConfig(global_batch_size=96, micro_batch_size=48), 2) == (48, 1, 96)
+    with pytest.raises(ValueError, match=r"global_batch_size=100 must equal .* world size \(3\) = 99"):
+        resolve_batch(TrainConfig(global_batch_size=100), 3)
+    with pytest.raises(ValueError, match="batch arithmetic"):
+        resolve_batch(TrainConfig(global_batch_size=96, micro_batch_size=40), 2)
+    with pytest.raises(ValueError, match="batch arithmetic"):
+        resolve_batch(TrainConfig(global_batch_size=2), 4)  # fewer pairs than ranks
+
+
+def test_generated_deepspeed_config() -> None:
+    cfg = load_recipe("tiny-cpu", ["train.global_batch_size=64", "train.grad_clip=0.5"])
+    ds = to_deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (32, 0.5)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"]
+    assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="batch arithmetic"):
+        to_deepspeed_config(cfg, world_size=3)
+
+
+def _user_config(tmp_path: Path, body: dict) -> Config:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(body))
+    return load_recipe("tiny-cpu", ["train.global_batch_size=64", f"engine.ds_config={path}"])
+
+
+def test_user_deepspeed_config_is_completed(tmp_path: Path) -> None:
+    cfg = _user_config(tmp_path, {"train_batch_size": "auto", "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345},
+                                  "communication_data_type": "fp32"})
+    ds = to_deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 12345 and ds["communication_data_type"] == "fp32"
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (64, 32)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"train_batch_size": 128}, "train_batch_size=128 contradicts the config (64)"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 contradicts engine.zero_stage=2"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled=True contradicts train.precision"),
+        ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+    ],
+)
+def test_user_deepspeed_config_contradictions(tmp_path: Path, body: dict, message: str) -> None:
+    cfg = _user_config(tmp_path, body)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        to_deepspeed_config(cfg, world_size=2)
+
+
+def test_user_deepspeed_config_missing_or_broken(tmp_path: Path) -> None:
+    cfg = load_recipe("tiny-cpu", [f"engine.ds_config={tmp_path / 'missing.json'}"])
+    with pytest.raises(ValueError, match="no such file"):
+        to_deepspeed_config(cfg, world_size=2)
+    (tmp_path / "bad.json").write_text("{not json")
+    cfg = load_recipe("tiny-cpu", [f"engine.ds_config={tmp_path / 'bad.json'}"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        to_deepspeed_config(cfg, world_size=2)
+
+
+def test_tiny_recipe_vocabulary_covers_the_demo_captions() -> None:
+    """Every word the demo's caption templates can produce has its own token (no char fallback)."""
+    words = set(COLORS) | set(SHAPES)
+    for template in (*VERTICAL, *HORIZONTAL, *PREFIXES):
+        words |= set(re.sub(r"\{\w\}", " ", template).split())
+    assert words <= set(load_recipe("tiny-cpu").model.tokenizer_words)
+
+
+def test_cli_print_config_and_errors() -> None:
+    from vlscale.train.cli import main
+
+    assert main(["--recipe", "tiny-cpu", "train.lr=1e-2", "--print-config"]) == 0
+    assert main(["--recipe", "tiny-cpu", "train.nope=1"]) == 2
+
+
+@pytest.mark.parametrize("script", ["deepspeed.sh", "torchrun.sh"])
+def test_launcher_scripts_parse(script: str) -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "launch" / script)], check=True)

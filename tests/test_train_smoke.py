@@ -1,0 +1,123 @@
+"""In-process training on tiny shards: the loop runs, logs, checkpoints, evaluates, and guards NaNs.
+
+One process, local engine, the tiny-cpu model shrunk further; a handful of steps each (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlscale.config import load_recipe
+from vlscale.demo_data import build_demo_dataset
+from vlscale.train.trainer import NonFiniteLossError, Trainer, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_demo_dataset(tmp_path_factory.mktemp("shards"), n_train=48, n_eval=6, size=32)
+
+
+def tiny_overrides(shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "engine.kind=local", "engine.zero_stage=0", f"train.run_dir={run_dir}",
+        f"data.train_shards={shards['train']}", f"data.eval_shards={shards['eval']}", "data.num_workers=0",
+        "model.vision_kwargs={\"patch_size\": 8, \"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2}",
+        "model.text_config={\"num_hidden_layers\": 1, \"hidden_size\": 32, \"num_attention_heads\": 2, "
+        "\"intermediate_size\": 64}",
+        "model.embed_dim=16", "train.global_batch_size=16", "gradcache.chunk_size=6", "train.warmup_steps=2",
+        "train.lr=3e-3", "train.log_every=1", "train.progress=false", "eval.batch_size=10", *extra,
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_smoke_training_logs_checkpoints_and_evaluates(shards: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = load_recipe("tiny-cpu", tiny_overrides(shards, run, "train.steps=6", "train.eval_every=3",
+                                                 "train.ckpt_every=3"))
+    summary = train(cfg)
+    losses = [summary["losses"][s] for s in range(1, 7)]
+    assert all(math.isfinite(x) for x in losses)
+    assert min(losses[3:]) < losses[0], f"loss did not go down: {losses}"
+    records = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("lr", "logit_scale", "samples_per_s", "data/skipped", "mem/peak_rss_mib", "train/samples"):
+        assert key in steps[-1], key
+    assert steps[0]["lr"] < steps[1]["lr"]  # linear warmup
+    evals = [r for r in records if "eval/i2t_R@1" in r]
+    assert [r["step"] for r in evals] == [3, 6] and evals[-1]["eval/n_images"] == 6
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000006"]
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 6
+    assert any((run / "tensorboard").iterdir())
+    assert json.loads((run / "memory.json").read_text())["ranks"][0]["mem/peak_rss_mib"] > 0
+
+
+def test_plain_step_path_and_weight_decay_groups(shards: dict[str, Path], tmp_path: Path) -> None:
+    """gradcache.enabled=false runs the one-big-batch reference path; no decay on 1-D params."""
+    cfg = load_recipe("tiny-cpu", tiny_overrides(shards, tmp_path / "run", "train.steps=2", "gradcache.enabled=false",
+                                                 "train.tensorboard=false"))
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.gradcache.plain
+        groups = trainer.optimizer.param_groups
+        no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert id(trainer.model.logit_scale) in no_decay
+        assert all(id(p) in no_decay for p in trainer.model.parameters() if p.ndim < 2)
+        assert any(g["weight_decay"] > 0 for g in groups)
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["step"] == 2 and all(math.isfinite(v) for v in summary["losses"].values())
+
+
+def _nan_on_step(trainer: Trainer, bad_steps: set[int]) -> None:
+    inner = trainer.loss_fn
+
+    def loss_fn(embs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = inner(embs)
+        if trainer.step + 1 in bad_steps:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    trainer.loss_fn = loss_fn
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(shards: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_recipe("tiny-cpu", tiny_overrides(shards, tmp_path / "run", "train.steps=3", "train.tensorboard=false"))
+    trainer = Trainer(cfg)
+    _nan_on_step(trainer, {2})
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2.*on_nonfinite=skip"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert trainer.step == 1
+
+
+def test_nonfinite_loss_skip_counts_and_leaves_weights(shards: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_recipe("tiny-cpu", tiny_overrides(shards, tmp_path / "run", "train.steps=2", "train.tensorboard=false",
+                                                 "train.on_nonfinite=skip", "train.max_nonfinite_skips=1"))
+    trainer = Trainer(cfg)
+    _nan_on_step(trainer, {2})
+    before = None
+    try:
+        batches = trainer._batches()
+        trainer._train_step(next(batches))
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        skipped = trainer._train_step(next(batches))  # NaN: skipped, weights untouched
+        assert skipped["skipped"] == 1.0 and trainer.counters["nonfinite_skips"] == 1 and trainer.step == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        assert all(p.grad is None or not p.grad.abs().sum() for p in trainer.model.parameters())
+        with pytest.raises(NonFiniteLossError, match="more than train.max_nonfinite_skips=1"):
+            trainer._train_step(next(batches))
+    finally:
+        trainer.close()
