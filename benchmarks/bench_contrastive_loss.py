@@ -34,9 +34,34 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ensure_vlscale_importable() -> None:
+    """Run from a plain checkout too (e.g. the GPU machine, no pip install): put the repository on
+    ``sys.path`` and map the top-level ``kernels/`` folder to ``vlscale.kernels`` as pyproject does."""
+    try:
+        import vlscale.kernels
+        return
+    except ImportError:
+        pass
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    import vlscale
+
+    spec = importlib.util.spec_from_file_location(
+        "vlscale.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vlscale.kernels"] = module
+    spec.loader.exec_module(module)
+    vlscale.kernels = module
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIZES = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -286,6 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    _ensure_vlscale_importable()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("smoke: TRITON_INTERPRET is not 1, the triton provider will be skipped", file=sys.stderr)

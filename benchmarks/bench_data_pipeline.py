@@ -141,7 +141,7 @@ def wds_loader(tars: list[str], kind: str, *, tokenizer, batch_size: int, worker
                                                   (0.26862954, 0.26130258, 0.27577711))])
         ds = (ds.decode("pil").to_tuple("jpg", "txt").map_tuple(tf, _OpenClipText(tokenizer, max_length))
               .batched(batch_size, partial=True))
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4,
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
                                        persistent_workers=False)
 
 

@@ -7,7 +7,8 @@ NCCL's ring algorithms move data: an all-gather or a reduce-scatter of a total o
 parameter all-reduce of the towers (the same for every method) is not counted.
 
 vlscale (:mod:`vlscale.loss.distributed`)
-    forward: metadata all-gather (13 float64), text all-gather (B·D·e), column log-sum-exp merge
+    forward: metadata all-gather (13 float64), texts gathered by W broadcasts (ring cost as an
+    all-gather of B·D·e), column log-sum-exp merge
     (all-reduce MAX + SUM of B fp32), loss all-reduce (1 fp32); mixup adds a labels all-gather
     (B int64); backward: reduce-scatter of the text gradient in fp32 (B·D·4), scale gradient
     all-reduce (1 fp32). The column statistics exchange is the only B-sized part besides the
@@ -52,7 +53,8 @@ def vlscale_payload(rows: int, w: int, d: int, e: int, *, mix: bool = False) -> 
     """Bytes this rank PUTS INTO each collective (what a test counts by wrapping the calls)."""
     n = rows * w
     out = {
-        "all_gather": META_BYTES + rows * d * e + (rows * 8 if mix else 0),
+        "all_gather": META_BYTES + (rows * 8 if mix else 0),
+        "broadcast": n * d * e,  # the columns: one broadcast per owner (W ≤ 16), buffer = all N rows
         "all_reduce:max": 4 * n,
         "all_reduce:sum": 4 * n + 4 + 4,  # exp-shifted column sums, loss value, scale gradient
         "reduce_scatter": n * d * 4,

@@ -54,7 +54,7 @@ INPUT_BYTES = 3 * 224 * 224 * 4 + 2 * 32 * 8
 
 
 def _only(keys: tuple[str, ...], make: Any) -> Any:
-    return lambda n, device: {k: v for k, v in make(n, device).items() if k in keys}
+    return lambda start, stop, device: {k: v for k, v in make(start, stop, device).items() if k in keys}
 
 
 def recipes(params: int) -> list[dict[str, Any]]:
@@ -100,34 +100,44 @@ def tower_costs(model: torch.nn.Module, make: Any, *, dtype: torch.dtype | None,
         entry = {"saved_per_row": saved_activation_bytes(model, _only(keys, make), dtype=dtype)}
         if measure:
             cost = measure_activation_cost(model, _only(keys, make), sizes=sizes)
-            entry.update(per_row=cost.per_row, fixed=cost.fixed)
+            entry.update(per_row=cost.per_row, fixed=cost.fixed, nograd_per_row=cost.nograd_per_row)
         out[tower] = entry
     return out
 
 
+def _chunk_cost(costs: dict[str, dict[str, float]], rows: int | None) -> dict[str, float]:
+    """Activation arguments of :func:`predict_memory`: per chunk the costlier tower (towers run one
+    at a time); without gradient cache both towers' activations are alive together."""
+    if rows is None:
+        return {"act_bytes_per_pair": sum(c["per_row"] for c in costs.values()),
+                "act_fixed_bytes": max(c["fixed"] for c in costs.values())}
+    top = max(costs.values(), key=lambda c: c["fixed"] + rows * c["per_row"])
+    return {"act_bytes_per_pair": top["per_row"], "act_fixed_bytes": top["fixed"],
+            "nograd_act_bytes_per_row": max(c["nograd_per_row"] for c in costs.values())}
+
+
 def validate_cpu(quick: bool) -> dict[str, Any]:
-    """Measured (live tensor bytes) vs predicted peaks of a tiny dual encoder's rank-0 step."""
+    """Measured (live tensor bytes) vs predicted peaks of a tiny dual encoder's rank-0 step.
+
+    ``quick`` (tests): only the loss phase at one batch size per loss, no towers.
+    """
+    if quick:
+        return {"cases": validate_loss_phase(quick)}
     from vlscale.model import DualEncoder, ModelConfig
 
     torch.manual_seed(0)
-    make = pair_inputs(image_size=TINY["image_size"], context_length=TINY["context_length"], vocab=1000)
+    make = pair_inputs(image_size=TINY["image_size"], context_length=TINY["context_length"], vocab=200)
     tracker = MemoryTracker("cpu", backend="tensors")
     with tracker.tracking():  # count the parameters too
         model = DualEncoder(ModelConfig(**TINY))
     params = count_params(model)
     costs = tower_costs(model, make, dtype=None, sizes=(8, 24), measure=True)
-    # The chunk's cost (towers run one at a time) and the whole batch's (both towers alive at once);
-    # a tower's per-row cost is never below what autograd saves for it.
-    per = {t: max(c["per_row"], c["saved_per_row"]) for t, c in costs.items()}
-    fixed = max(c["fixed"] for c in costs.values())
     # torch's single-tensor Adam makes two temporaries the size of the parameter it updates.
     largest = max(p.numel() for p in model.parameters()) * 4
-    world, chunk = 4, 16
-    cases = [("chunked", chunk, 256), ("naive", chunk, 256), ("chunked", None, 128), ("naive", None, 128)]
-    if quick:
-        cases = cases[:1] + cases[2:3]
+    world, chunk, batch = 4, 32, 256
+    cases = [("chunked", chunk), ("naive", chunk), ("chunked", None), ("naive", None)]
     rows = []
-    for impl, ch, batch in cases:
+    for impl, ch in cases:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)
         tracker.records.clear()
         with tracker.tracking():
@@ -139,29 +149,62 @@ def validate_cpu(quick: bool) -> dict[str, Any]:
                           loss_impl=impl, tracker=tracker)
         measured = {r.name: r.peak_bytes for r in tracker.records[start:]}
         est = predict_memory(params=params, world_size=world, zero_stage=0, precision="fp32", global_batch=batch,
-                             chunk=ch, embed_dim=TINY["embed_dim"], act_bytes_per_pair=per["image"] + per["text"],
-                             chunk_act_bytes_per_row=max(per.values()), act_fixed_bytes=fixed,
-                             loss_impl=impl, input_bytes_per_pair=3 * 32 * 32 * 4 + 16 * 8,
-                             step_transient_bytes=2 * largest)
+                             chunk=ch, embed_dim=TINY["embed_dim"], loss_impl=impl,
+                             input_bytes_per_pair=3 * 32 * 32 * 4 + 16 * 8, step_transient_bytes=2 * largest,
+                             **_chunk_cost(costs, ch))
         pred = est.phase_bytes()
-        rows.append({"loss_impl": impl, "chunk": ch, "global_batch": batch, "world_size": world,
+        rows.append({"what": "step", "loss_impl": impl, "chunk": ch, "global_batch": batch, "world_size": world,
                      "phases": {p: {"measured": measured[p], "predicted": pred[p], "ratio": measured[p] / pred[p]}
                                 for p in measured}})
         del opt
+    rows += validate_loss_phase(quick)
     return {"params": params, "tower_costs": costs, "optimizer_temporaries": 2 * largest, "cases": rows}
 
 
+def validate_loss_phase(quick: bool) -> list[dict[str, Any]]:
+    """The loss phase alone at batches where its O(B·D) and O(B_local·B) terms dominate."""
+    from vlscale.memory.workload import contrastive_step_loss
+
+    world, dim = 4, 64
+    sizes = [(impl, b) for impl in ("chunked", "naive") for b in (2048, 8192)]
+    out = []
+    for impl, batch in sizes[1::2] if quick else sizes:
+        tracker = MemoryTracker("cpu", backend="tensors")
+        with tracker.tracking(), tracker.phase("loss"):
+            img, txt = (torch.nn.functional.normalize(torch.randn(batch // world, dim), dim=-1).requires_grad_()
+                        for _ in range(2))
+            scale = torch.full((1,), 20.0, requires_grad=True)
+            contrastive_step_loss(img, txt, scale, global_batch=batch, impl=impl).backward()
+            del img, txt, scale
+        est = predict_memory(params=1, world_size=world, zero_stage=0, precision="fp32", global_batch=batch,
+                             chunk=batch // world, embed_dim=dim, act_bytes_per_pair=0.0, loss_impl=impl)
+        pred = est.phase_bytes()["loss"] - est.components["model states"]
+        meas = tracker.records[0].peak_bytes
+        out.append({"what": "loss phase", "loss_impl": impl, "chunk": "-", "global_batch": batch,
+                    "world_size": world, "phases": {"loss": {"measured": meas, "predicted": pred,
+                                                             "ratio": meas / pred}}})
+    return out
+
+
 def _md_validation(v: dict[str, Any]) -> list[str]:
+    if "params" not in v:
+        return ["Quick run: loss phase only.", *_md_cases(v["cases"])]
     lines = [f"Tiny dual encoder ({v['params']:,} params: ViT-tiny/8 depth 2 at 32 px + BERT-tiny, "
-             "fp32, torch Adam, stage 0). Backend `tensors` (exact live tensor bytes). Tower costs (KiB/row):", ""]
+             "fp32, torch Adam, stage 0; chunk 32). Backend `tensors` (exact live tensor bytes). "
+             "Tower costs (fitted fwd+bwd peak = fixed + rows · per row):", ""]
     for t, c in v["tower_costs"].items():
         lines.append(f"- {t}: fitted {c['per_row'] / 1024:.1f} per row + {c['fixed'] / MIB:.2f} MiB fixed; "
+                     f"no-grad forward peak {c['nograd_per_row'] / 1024:.1f} per row; "
                      f"saved for backward {c['saved_per_row'] / 1024:.1f}")
-    lines += ["", "| loss | chunk | B (W=4) | phase | measured MiB | predicted MiB | measured / predicted |",
-              "|---|---|---:|---|---:|---:|---:|"]
-    for c in v["cases"]:
+    return lines + _md_cases(v["cases"])
+
+
+def _md_cases(cases: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "| run | loss | chunk | B (W=4) | phase | measured MiB | predicted MiB | measured / predicted |",
+              "|---|---|---|---:|---|---:|---:|---:|"]
+    for c in cases:
         for p, x in c["phases"].items():
-            lines.append(f"| {c['loss_impl']} | {c['chunk'] or 'none'} | {c['global_batch']} | {p} | "
+            lines.append(f"| {c['what']} | {c['loss_impl']} | {c['chunk'] or 'none'} | {c['global_batch']} | {p} | "
                          f"{x['measured'] / MIB:.2f} | {x['predicted'] / MIB:.2f} | {x['ratio']:.3f} |")
     return lines
 
@@ -212,8 +255,8 @@ def run_gpu(out: Path, global_batch: int, impl: str) -> dict[str, Any] | None:
     params = count_params(model)
     base = pair_inputs(context_length=BIG["context_length"])
 
-    def make(n: int, dev: torch.device) -> dict[str, torch.Tensor]:
-        return {k: (v.half() if v.is_floating_point() else v) for k, v in base(n, dev).items()}
+    def make(start: int, stop: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        return {k: (v.half() if v.is_floating_point() else v) for k, v in base(start, stop, dev).items()}
 
     opt = ShardedAdam(list(model.parameters()), world)
     tracker = MemoryTracker(device, backend="cuda")

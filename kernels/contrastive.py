@@ -9,7 +9,7 @@ The similarity matrix ``S = s·Q·Kᵀ`` (Q: M×D, K: N×D) is never stored. Two
     max, sum of exp) live in registers over the band's columns; column statistics are updated
     read-modify-write in a per-row-band partial buffer that only this program touches. The host
     then merges the partials with one ``logsumexp``. Memory: ``(#row bands)·N + (#col bands)·M``
-    (max, sum) pairs — about 2·23·B·8 bytes ≈ 96 MiB at B = 262,144 on an H100 (23 bands each way),
+    (max, sum) pairs — 2·22·B·8 bytes ≈ 92 MiB at B = 262,144 on an H100 (22 bands each way),
     versus a (M/BLOCK_M)×N partial buffer (4 GiB at that size, Inf-CL's whole budget) or a second
     column pass (a second S: 10·M·N·D instead of 8·M·N·D).
 

@@ -95,7 +95,7 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
     torch.manual_seed(0)
     model = TinyDualEncoder(**(model_kw or {}))
     ref = copy.deepcopy(model)
-    engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
+    engine = build_engine("deepspeed", model, optimizer=_sgd,
                           ds_config=ds_config(stage), coalesce=coalesce)
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
@@ -113,32 +113,55 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
             "coalescing": engine.coalescing}
 
 
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def _native_accumulation_run(batches: list[dict], mults: list[float]) -> dict:
+    """DeepSpeed's own accumulation: gas micro-batches, engine.backward + engine.step each."""
+    torch.manual_seed(0)
+    gas = 3
+    engine = build_engine("deepspeed", TinyDualEncoder(drop=0.0, drop_path=0.0), optimizer=_sgd,
+                          ds_config=ds_config(2, dtype="fp16", extra={"gradient_accumulation_steps": gas}))
+    eng = engine.raw
+    scales, applied = [engine.loss_scale], []
+    for batch, mult in zip(batches, mults):
+        for part in torch.arange(LOCAL_BATCH).tensor_split(gas):
+            out = engine.forward(**{k: v[part] for k, v in batch.items()})
+            loss, _ = clip_loss({k: v.float() for k, v in out.items()}, mult)
+            eng.backward(loss)
+            eng.step()
+        applied.append(bool(eng.was_step_applied()))
+        scales.append(engine.loss_scale)
+    return {"scales": scales, "applied": applied}
+
+
 def fp16_overflow_case(rank: int) -> dict:
     """An fp16 overflow (injected by a huge loss multiplier) is skipped, and the loss scale drops,
-    exactly as in a plain DeepSpeed step; the next, normal step is applied by both alike."""
+    exactly as in a plain DeepSpeed step and in DeepSpeed's own gradient accumulation; the next,
+    normal step is applied by all alike."""
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().is_fp16_supported = lambda: True  # CPU fp16 kernels exist; DS is just cautious
-    result: dict[str, Any] = {}
+    batches = [make_batch(LOCAL_BATCH, seed=10 + rank), make_batch(LOCAL_BATCH, seed=20 + rank)]
+    mults = [1e6, 1.0]
     runs = {}
     for name, chunk in (("cached", SIZES), ("plain", None)):
         torch.manual_seed(0)
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)  # same function for both step kinds
-        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
-                              ds_config=ds_config(2, dtype="fp16"))
+        engine = build_engine("deepspeed", model, optimizer=_sgd, ds_config=ds_config(2, dtype="fp16"))
         gc = GradCache(engine, chunk_sizes=chunk or {})
-        before = _full_params(engine)
-        scale0 = engine.loss_scale
-        gc.step(make_batch(LOCAL_BATCH, seed=10 + rank), lambda e: clip_loss(e, 1e6))
-        applied1 = engine.optimizer_step()
-        unchanged = max_rel_err(_full_params(engine), before)[0] == 0.0
-        scale1 = engine.loss_scale
-        gc.step(make_batch(LOCAL_BATCH, seed=20 + rank), clip_loss)
-        applied2 = engine.optimizer_step()
-        runs[name] = {"scales": [scale0, scale1, engine.loss_scale], "applied": [applied1, applied2],
-                      "unchanged_after_overflow": unchanged, "params": _full_params(engine)}
-    result["cached"] = {k: v for k, v in runs["cached"].items() if k != "params"}
-    result["plain"] = {k: v for k, v in runs["plain"].items() if k != "params"}
+        scales, applied, unchanged = [engine.loss_scale], [], []
+        for batch, mult in zip(batches, mults):
+            before = _full_params(engine)
+            gc.step(batch, lambda e, m=mult: clip_loss(e, m))
+            applied.append(engine.optimizer_step())
+            unchanged.append(max_rel_err(_full_params(engine), before)[0] == 0.0)
+            scales.append(engine.loss_scale)
+        runs[name] = {"scales": scales, "applied": applied, "unchanged": unchanged,
+                      "params": _full_params(engine)}
+    result: dict[str, Any] = {k: {n: v for n, v in r.items() if n != "params"} for k, r in runs.items()}
+    result["native"] = _native_accumulation_run(batches, mults)
     result["param_err"] = _worst(max_rel_err(runs["cached"]["params"], runs["plain"]["params"])[0])
     return result
 
@@ -149,7 +172,7 @@ def bf16_case(stage: int, rank: int) -> dict:
     for name, chunk in (("cached", SIZES), ("plain", None)):
         torch.manual_seed(0)
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)
-        engine = build_engine("deepspeed", model, optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
+        engine = build_engine("deepspeed", model, optimizer=_sgd,
                               ds_config=ds_config(stage, dtype="bf16"))
         GradCache(engine, chunk_sizes=chunk or {}).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
         grads[name] = {n: g.float().clone() for n, g in _full_grads(engine).items() if g is not None}
@@ -192,7 +215,7 @@ def fsdp_case(rank: int, kind: str) -> dict:
     ref = copy.deepcopy(model)
     wrapped = DDP(model, find_unused_parameters=True) if kind == "ddp" else model
     engine = build_engine("fsdp" if kind == "fsdp" else "local", wrapped,
-                          optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9))
+                          optimizer=_sgd)
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
     GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)

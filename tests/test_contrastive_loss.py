@@ -20,18 +20,20 @@ TRITON_SMALL = TritonBackend(KernelSettings(16, 16, 16, row_bands=2, col_bands=2
                                             grad_block_m=16, grad_block_n=16))
 IMPLS = {
     "reference": "reference",
-    "chunked": ChunkedBackend(block_m=16, block_n=24),  # odd blocks: ragged edges everywhere
+    "chunked": ChunkedBackend(block_m=32, block_n=48),  # ragged edge tiles at 127 and 300
     "triton": TRITON_SMALL,
+    "triton-default": TritonBackend(),  # the interpreter's own settings (BLOCK_D=64): D=768 in 12 chunks
 }
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def dense_targets(n_rows: int, n_cols: int, labels: torch.Tensor, mix) -> torch.Tensor:
-    y = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    y = torch.zeros(n_rows, n_cols, dtype=torch.float64, device=labels.device)
     lam = 1.0 if mix is None else float(mix[1])
-    y[torch.arange(n_rows), labels] += lam
+    rows = torch.arange(n_rows, device=labels.device)
+    y[rows, labels] += lam
     if mix is not None:
-        y[torch.arange(n_rows), mix[0]] += 1.0 - lam
+        y[rows, mix[0]] += 1.0 - lam
     return y
 
 
@@ -39,9 +41,10 @@ def oracle_symmetric(img, txt, scale, mix=None):
     """Dense open_clip-style loss with a dense soft-target matrix (the definition, not the algorithm)."""
     logits = scale.reshape(()) * img @ txt.T
     b = img.shape[0]
-    y_row = dense_targets(b, b, torch.arange(b), mix).to(logits.dtype)
+    eye = torch.arange(b, device=img.device)
+    y_row = dense_targets(b, b, eye, mix).to(logits.dtype)
     # Column j targets lam on row j and 1−lam on row labels_b[j]: the same construction, transposed.
-    y_col = dense_targets(b, b, torch.arange(b), mix).to(logits.dtype).T
+    y_col = dense_targets(b, b, eye, mix).to(logits.dtype).T
     row = -(y_row * F.log_softmax(logits, dim=1)).sum(1).mean()
     col = -(y_col * F.log_softmax(logits, dim=0)).sum(0).mean()
     return (row + col) / 2
@@ -94,7 +97,7 @@ def run_symmetric(impl, b, d, dtype, s, mix=None, ref_dtype_naive=False):
 
 
 SYM_CASES = [
-    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton", 33, 3), ("triton", 20, 768),
+    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton", 33, 3), ("triton-default", 20, 768),
     ("chunked", 1, 3), ("chunked", 7, 64), ("chunked", 127, 64), ("chunked", 300, 3), ("chunked", 40, 768),
     ("reference", 7, 64), ("reference", 127, 3),
 ]
@@ -201,6 +204,32 @@ def test_module_form_and_keys_without_grad():
     assert img.grad is not None and k.grad is None
 
 
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_strided_inputs(impl):
+    """Row-strided views and column-major embeddings give the same loss and gradients."""
+    torch.manual_seed(10)
+    base = torch.zeros(25, 40)
+    base[:, 3:35] = F.normalize(torch.randn(25, 32), dim=-1)
+    img_view = base[:, 3:35].requires_grad_()  # row stride 40, storage offset 3
+    txt = F.normalize(torch.randn(32, 25), dim=0).T.requires_grad_()  # strides (1, 25): column-major
+    sc = torch.tensor([9.0], requires_grad=True)
+    got = grads(lambda a, b, c: contrastive_loss(a, b, c, impl=IMPLS[impl]), img_view, txt, sc)
+    want = grads(lambda a, b, c: oracle_symmetric(a, b, c), *as64(img_view, txt, sc))
+    check_close(got, want, None, torch.float32, ["d image", "d text", "d scale"])
+
+
+def test_auto_is_logged_once(caplog):
+    import logging
+
+    from vlscale.loss import backends
+
+    backends._CACHE.clear()
+    with caplog.at_level(logging.INFO, logger="vlscale.loss.backends"):
+        for _ in range(3):
+            contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), 2.0)
+    assert [r.getMessage() for r in caplog.records].count("contrastive loss: impl='auto' on cpu -> chunked backend") == 1
+
+
 def test_auto_and_explicit_backend_selection(monkeypatch):
     assert get_backend("auto", "cpu").name == "chunked"
     assert get_backend("reference", "cpu").name == "reference"
@@ -294,3 +323,27 @@ def test_benchmark_smoke(tmp_path):
         assert row["ms"] > 0 and row["floor_ms"] > 0
         assert max(row["max_rel_err_vs_fp64"].values()) < 1e-4, row
     assert out.with_suffix(".md").read_text().count("| triton |") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("b", "d"), [(1, 64), (127, 512), (1000, 768), (4097, 512), (300, 1024)])
+def test_triton_on_gpu_matches_float64(dtype, b, d):
+    """The compiled kernels (tensor-core dots in the input dtype) on a real GPU, sm_80+."""
+    torch.manual_seed(b + d)
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev)[0] < 8:
+        pytest.skip("triton backend needs sm_80+")
+    img = F.normalize(torch.randn(b, d, device=dev, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(b, d, device=dev, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
+    scale = torch.tensor([30.0], device=dev, requires_grad=True)
+    labels_b = torch.randperm(b, device=dev)
+    for mix in (None, (labels_b, 0.4)):
+        got = grads(lambda i, t, sc, m=mix: contrastive_loss(i, t, sc, mix=m, impl="triton"), img, txt, scale)
+        want = grads(lambda i, t, sc, m=mix: oracle_symmetric(i, t, sc, m), *as64(img, txt, scale))
+        naive = None
+        if dtype != torch.float32:
+            naive = grads(lambda i, t, sc, m=mix: oracle_symmetric(i, t, sc.to(dtype), m).float(),
+                          img, txt, scale)
+        check_close([x.cpu() for x in got], [x.cpu() for x in want],
+                    None if naive is None else [x.cpu() for x in naive], dtype, ["d image", "d text", "d scale"])

@@ -53,7 +53,7 @@ def test_writer_never_overwrites_silently(tmp_path, rng) -> None:
         for i in range(3):
             w.add(image_bytes=synthetic_image(rng), caption="x", key=str(i))
     before = (tmp_path / "s-00000.arrow").read_bytes()
-    with pytest.raises(FileExistsError, match="s-00000.arrow.*overwrite"):
+    with pytest.raises(FileExistsError, match=r"s-00000\.arrow.*overwrite"):
         ShardWriter(tmp_path, "s")
     assert (tmp_path / "s-00000.arrow").read_bytes() == before
     with ShardWriter(tmp_path, "s", overwrite=True) as w:

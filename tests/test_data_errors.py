@@ -72,7 +72,7 @@ def test_truncated_shard_fails_naming_the_file_or_is_skipped(tmp_path) -> None:
 def test_missing_shard_file_is_named(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"nope\.arrow.*does not exist"):
         build_loader([tmp_path / "nope.arrow"], batch_size=2)
-    with pytest.raises(ValueError, match="no .*arrow shards"):
+    with pytest.raises(ValueError, match=r"no .*arrow shards"):
         build_loader(tmp_path, batch_size=2)
 
 

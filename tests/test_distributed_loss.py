@@ -79,6 +79,7 @@ class Case:
     labels: bool = False  # nce: explicit random global labels (else default)
     extra: int = 0  # nce: rows of a shared queue
     dtype: torch.dtype = torch.float32
+    pipelined: bool = True  # False: gather the columns with one all-gather (the path above 16 ranks)
     key_grad: bool = True  # False: keys from a frozen / momentum tower (no reduce-scatter)
     via_api: bool = False  # call vlscale.loss.contrastive_loss / info_nce instead of the entry point
     impls: tuple[str, ...] = field(default=("reference",))
@@ -118,6 +119,7 @@ def _batch(case: Case, rank: int):
 
 
 def _run_case(case: Case, impl: str, rank: int, world: int) -> None:
+    from vlscale.loss import comm
     from vlscale.loss import contrastive as api
     from vlscale.loss.backends import get_backend
     from vlscale.loss.distributed import distributed_contrastive_loss, distributed_info_nce
@@ -130,6 +132,7 @@ def _run_case(case: Case, impl: str, rank: int, world: int) -> None:
     scale = torch.tensor([case.scale], requires_grad=True)
     lam = case.lam if case.lam is not None else 1.0
     mix = None if labels_b is None else (labels_b[qo : qo + case.rows[rank]], lam)
+    comm.PIPELINE_MAX_WORLD = 16 if case.pipelined else 0
     if case.kind == "clip":
         ref = oracle_contrastive(q, k, scale, labels_b, lam)
         if case.via_api:
@@ -250,7 +253,8 @@ def _check_bytes(rank: int, world: int) -> None:
         # Column statistics: all-reduce MAX of N fp32 and SUM of N fp32 (+ two fp32 scalars).
         assert log.get("all_reduce:max") == 4 * n_global, (tag, log)
         assert log.get("all_reduce:sum") == 4 * n_global + 4 + 4, (tag, log)
-        assert log.get("all_gather") == meta + rows * dim * 4, (tag, log)
+        assert log.get("all_gather") == meta, (tag, log)
+        assert log.get("broadcast") == n_global * dim * 4, (tag, log)  # the columns, one piece per owner
         assert log.get("reduce_scatter") == n_global * dim * 4, (tag, log)
         assert log == model.vlscale_payload(rows, world, dim, 4), (tag, log, "benchmarks/comm_model.py")
     # The statistics exchange does not grow with D and grows linearly with N: O(B), not O(B·D).
@@ -296,14 +300,14 @@ def _available(impls: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class _LateWork:
-    """Stands in for an async all-gather that has not finished: the buffer is NaN until wait()."""
+    """Stands in for a broadcast that has not landed: the piece stays NaN until wait()."""
 
-    def __init__(self, buffer: torch.Tensor, data: torch.Tensor) -> None:
-        self.buffer, self.data, self.waited = buffer, data, False
+    def __init__(self, piece: torch.Tensor, data: torch.Tensor, log: list[int], src: int) -> None:
+        self.piece, self.data, self.log, self.src = piece, data, log, src
 
     def wait(self) -> None:
-        self.buffer.copy_(self.data)
-        self.waited = True
+        self.piece.copy_(self.data)
+        self.log.append(self.src)
 
 
 class _SliceComm(LocalComm):
@@ -316,29 +320,33 @@ class _SliceComm(LocalComm):
         return dk_all[self.lo : self.hi]
 
 
-def test_overlapped_gather_touches_buffer_only_after_wait() -> None:
-    """The overlap wrapper computes the local block from the local tensor while the gather is in
-    flight, and the core reads the gathered columns only after waiting: a NaN-filled, not yet
-    received buffer must give exactly the loss and gradients of the finished one."""
+def test_overlapped_gather_waits_for_each_piece_before_using_it() -> None:
+    """The overlap wrapper computes the local block from the local tensor, then waits for each
+    other rank's piece just before its block, and the core reads the gathered columns only after
+    that: a NaN-filled buffer whose pieces land on wait() gives exactly the finished result."""
     from vlscale.loss.comm import PendingGather
     from vlscale.loss.distributed import _OverlappedGather
 
     torch.manual_seed(0)
-    n, b, d, offset = 9, 4, 6, 3  # this "rank" owns columns 3..6 of 9
-    q = torch.randn(b, d, requires_grad=True)
+    sizes, rank, d = [3, 4, 2], 1, 6  # this "rank" owns rows and columns 3..6 of 9
+    n, lo = sum(sizes), sum(sizes[:rank])
+    q = torch.randn(sizes[rank], d, requires_grad=True)
     k_all = torch.randn(n, d)
     s = torch.tensor(4.0, requires_grad=True)
-    plan = symmetric_plan(b, num_total=n, offset=offset)
-    k_loc = k_all[offset : offset + b].clone().requires_grad_()
-    comm = _SliceComm(offset, offset + b)
+    plan = symmetric_plan(sizes[rank], num_total=n, offset=lo)
+    k_loc = k_all[lo : lo + sizes[rank]].clone().requires_grad_()
+    comm = _SliceComm(lo, lo + sizes[rank])
     want = fused_loss(q, k_loc, s, plan, backend=ReferenceBackend(), k_all=k_all, comm=comm)
     want_grads = torch.autograd.grad(want, (q, k_loc, s))
     buffer = torch.full_like(k_all, float("nan"))
-    work = _LateWork(buffer, k_all)
-    wrapped = _OverlappedGather(ReferenceBackend(), PendingGather(buffer, [n], work), k_loc, offset)
+    landed: list[int] = []
+    pending = PendingGather(buffer, sizes, [], pipelined=True)
+    pending.works = [_LateWork(pending.piece(r), k_all[sum(sizes[:r]) : sum(sizes[: r + 1])], landed, r)
+                     for r in range(len(sizes))]
+    wrapped = _OverlappedGather(ReferenceBackend(), pending, k_loc, rank)
     got = fused_loss(q, k_loc, s, plan, backend=wrapped, k_all=buffer, comm=comm)
     got_grads = torch.autograd.grad(got, (q, k_loc, s))
-    assert work.waited
+    assert landed == [0, 2, 1]  # the other ranks' pieces in order, the own slot last (in the final wait)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -349,6 +357,7 @@ def _cases(impls: tuple[str, ...], world: int) -> list[Case]:
     return [
         Case("clip-even", "clip", even, impls=impls),
         Case("clip-uneven-mix", "clip", uneven, lam=0.7, scale=30.0, impls=impls),
+        Case("clip-uneven-allgather", "clip", uneven, lam=0.2, pipelined=False, impls=impls[:1]),
         Case("nce-queue-labels-mix", "nce", uneven, cols=[4, 2, 5, 3][:world], labels=True, extra=5,
              lam=0.35, impls=impls),
         Case("nce-default-labels", "nce", even, cols=[6] * world, impls=impls),
@@ -371,7 +380,8 @@ def test_two_ranks_match_single_process(port: int) -> None:
 @pytest.mark.dist
 @pytest.mark.slow  # four processes on a 2-core machine
 def test_four_ranks_match_single_process(port: int) -> None:
-    _spawn(4, port, _cases(_available(("reference", "chunked")), 4)[:3])
+    cases = {c.name: c for c in _cases(_available(("reference", "chunked")), 4)}
+    _spawn(4, port, [cases["clip-uneven-mix"], cases["nce-queue-labels-mix"], cases["nce-default-labels"]])
 
 
 @pytest.mark.dist

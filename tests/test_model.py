@@ -191,7 +191,9 @@ def test_vision_weights_from_a_local_file_and_folder(tmp_path: Path) -> None:
     src = DualEncoder(tiny_cfg())
     state = {k: v.contiguous() for k, v in src.visual.trunk.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
-    torch.save(state, tmp_path / "w.pth")
+    # A classifier checkpoint: its head is dropped (the trunk is built with num_classes=0).
+    torch.save({"state_dict": {**state, "head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}},
+               tmp_path / "w.pth")
     for path in (tmp_path / "model.safetensors", tmp_path, tmp_path / "w.pth"):
         torch.manual_seed(2)
         dst = DualEncoder(tiny_cfg(vision_weights=str(path)))

@@ -303,3 +303,56 @@ def test_concepts_are_appended_after_the_caption_and_tokenized() -> None:
     assert ids[0, :3].tolist() == [vocab["[CLS]"], vocab["a"], vocab["dog"]] and ids[0, 4] == vocab["[SEP]"]
     with pytest.raises(ValueError, match="align"):
         sampler(["a", "b"], [["x"]])
+
+
+# ---------------------------------------------------------------- all of them on a DualEncoder
+
+
+def test_techniques_compose_on_a_dual_encoder_and_learn() -> None:
+    """Mixup + hierarchical alignment + momentum queues on a tiny DualEncoder: a few AdamW steps
+    on one fixed batch must lower the plain contrastive loss."""
+    from vlscale.model import DualEncoder, ModelConfig, param_groups
+
+    words = ("a", "red", "blue", "green", "circle", "square", "left", "right")
+    cfg = ModelConfig(vision_model="vit_tiny_patch16_224",
+                      vision_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}, image_size=32,
+                      text_model="bert-tiny", text_config={"hidden_size": 64, "intermediate_size": 128},
+                      tokenizer_words=words, context_length=8, embed_dim=16,
+                      hier_image_layers=(0,), hier_text_layers=(0,))
+    torch.manual_seed(0)
+    model = DualEncoder(cfg)
+    captions = ["a red circle", "a blue square", "green left", "a right circle", "blue blue", "red square"]
+    enc = model.tokenizer(captions, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    pixels = torch.randn(6, 3, 32, 32)
+    mixup = CoinFlipMixup(seed=0)
+    mc = MomentumContrast(model, queue_size=8, embed_dim=16, momentum=0.9)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
+
+    def clean_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            out = model(pixels=pixels, tokens=enc["input_ids"], attention_mask=enc["attention_mask"])
+        model.train()
+        return float(contrastive_loss(out["image"], out["text"], out["logit_scale"], impl="reference"))
+
+    before = clean_loss()
+    for step in range(8):
+        plan = mixup.plan(step, 6)
+        px = plan.mix_pixels(pixels)
+        mc.update(model)
+        keys = mc.encode_keys(pixels=px, tokens=enc["input_ids"], attention_mask=enc["attention_mask"])
+        embs = model(pixels=px, tokens=enc["input_ids"], attention_mask=enc["attention_mask"])
+        s = embs["logit_scale"]
+        text = plan.mix_text(embs["text"])
+        loss = contrastive_loss(embs["image"], text, s, mix=plan.mix(), impl="reference")
+        hier, parts = hierarchical_loss(embs, s, weight=0.1, mix=plan.mix(), impl="reference")
+        loss = loss + hier + 0.5 * mc.loss({"image": embs["image"], "text": text}, keys, s, mix=plan.mix(),
+                                           impl="reference")
+        assert set(parts) == {"loss_hier0"} and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mc.enqueue(keys)
+    assert int(mc.queue_filled) == 8
+    after = clean_loss()
+    assert after < 0.8 * before, (before, after)

@@ -17,6 +17,15 @@ from vlscale.demo_data import build_demo_dataset
 from vlscale.train.trainer import NonFiniteLossError, Trainer, train
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads per op thrash (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_demo_dataset(tmp_path_factory.mktemp("shards"), n_train=48, n_eval=6, size=32)

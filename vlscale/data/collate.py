@@ -118,10 +118,12 @@ def tokenize(tokenizer: Callable | None, captions: list[str], max_length: int) -
 def collate(images: list[np.ndarray], rows: list[dict], *, tokenizer: Callable | None, max_length: int,
             mean: Sequence[float], std: Sequence[float], with_concepts: bool) -> Batch:
     """Stack uint8 HWC images into normalised float (B,3,H,W) and tokenize the captions."""
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    pixels = pixels.sub_(m).div_(s).contiguous()
+    chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    pixels = torch.empty(chw.shape, dtype=torch.float32)
+    pixels.copy_(chw)  # one pass: uint8 HWC -> float CHW (contiguous)
+    # (x/255 - mean)/std as x*a + b, in place: two passes instead of four temporaries
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    pixels.mul_(1.0 / (255.0 * std_t)).add_(-torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t)
     captions = [r["caption"] for r in rows]
     tokens, mask = tokenize(tokenizer, captions, max_length)
     concepts = [list(r.get("concepts") or []) for r in rows] if with_concepts else None

@@ -17,6 +17,7 @@ the offset inside it follow from the position, with no replay of earlier windows
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,7 @@ class RowStream:
         self.num_rows = sum(s.stop - s.start for s in spans)
         self._starts = np.cumsum([0] + [s.stop - s.start for s in spans])
         self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-        self._cached: tuple[int, list[dict | None], np.ndarray] | None = None
+        self._cached: tuple[int, _Window, np.ndarray] | None = None
 
     def _reader(self, shard: int) -> pa.ipc.RecordBatchFileReader:
         if shard not in self._readers:
@@ -198,57 +199,73 @@ class RowStream:
             self._readers[shard] = open_shard(self.index.paths[shard])
         return self._readers[shard]
 
-    def _read_span(self, span: Span, lo: int, hi: int) -> pa.Table | None:
+    def _read_span(self, span: Span, lo: int, hi: int) -> pa.RecordBatch | None:
         unit = self.index.units[span.unit]
         path = self.index.paths[unit.shard]
         try:
             batch = self._reader(unit.shard).get_batch(unit.batch)
             check_schema(batch.schema, path)
             cols = [c for c in ("key", "image", "caption", "source", "concepts") if c in batch.schema.names]
-            return pa.Table.from_batches([batch.select(cols).slice(span.start + lo, hi - lo)])
+            return batch.select(cols).slice(span.start + lo, hi - lo)  # zero-copy view of the mmap
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             if self.on_error == "raise":
                 raise ValueError(f"{path}: record batch {unit.batch} unreadable: {e}") from e
             return None
 
-    def _window(self, w: int) -> tuple[list[dict | None], np.ndarray]:
-        """Rows of window ``w`` in storage order (``None`` for unreadable ones) and its permutation."""
+    def _window(self, w: int) -> tuple[_Window, np.ndarray]:
+        """Window ``w`` (rows in storage order) and the permutation it is emitted in."""
         if self._cached is not None and self._cached[0] == w:
             return self._cached[1], self._cached[2]
-        self._cached = None  # free the previous window before reading the next one
+        self._cached = None  # drop the previous window before mapping the next one
         lo, hi = w * self.buffer, min((w + 1) * self.buffer, self.num_rows)
-        rows: list[dict | None] = []
+        segments: list[tuple[pa.RecordBatch | None, int]] = []
         first = int(np.searchsorted(self._starts, lo, side="right")) - 1
         for i in range(first, len(self.spans)):
             s_lo, s_hi = int(self._starts[i]), int(self._starts[i + 1])
             if s_lo >= hi:
                 break
             a, b = max(lo, s_lo) - s_lo, min(hi, s_hi) - s_lo
-            table = self._read_span(self.spans[i], a, b)
-            if table is None:
-                rows += [None] * (b - a)
-                continue
-            cols = {name: table.column(name).to_pylist() for name in table.column_names}
-            rows += [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+            segments.append((self._read_span(self.spans[i], a, b), b - a))
+        window = _Window(segments)
         if self.shuffle:
-            perm = np.random.default_rng([*self.seed_key, w]).permutation(len(rows))
+            perm = np.random.default_rng([*self.seed_key, w]).permutation(len(window))
         else:
-            perm = np.arange(len(rows))
-        self._cached = (w, rows, perm)
-        return rows, perm
+            perm = np.arange(len(window))
+        self._cached = (w, window, perm)
+        return window, perm
 
-    def rows(self, position: int = 0, stop: int | None = None):
+    def rows(self, position: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict | None]]:
         """Yield ``(position_after, row)`` for positions ``[position, stop)``; ``row`` is ``None``
         when its record batch could not be read (``on_error="skip"``)."""
         stop = self.num_rows if stop is None else min(stop, self.num_rows)
         while position < stop:
             w = position // self.buffer
-            rows, perm = self._window(w)
-            for off in range(position - w * self.buffer, len(rows)):
+            window, perm = self._window(w)
+            for off in range(position - w * self.buffer, len(window)):
                 if position >= stop:
                     return
                 position += 1
-                yield position, rows[int(perm[off])]
+                yield position, window.row(int(perm[off]))
+
+
+class _Window:
+    """Rows of one shuffle window as zero-copy record-batch slices; a row becomes Python
+    objects only when it is emitted, so a window costs mapped pages, not copied image bytes."""
+
+    def __init__(self, segments: list[tuple[pa.RecordBatch | None, int]]) -> None:
+        self.segments = [seg for seg, _ in segments]
+        self.starts = np.cumsum([0] + [n for _, n in segments])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def row(self, j: int) -> dict | None:
+        s = int(np.searchsorted(self.starts, j, side="right")) - 1
+        seg = self.segments[s]
+        if seg is None:
+            return None
+        off = j - int(self.starts[s])
+        return {name: seg.column(i)[off].as_py() for i, name in enumerate(seg.schema.names)}
 
 
 def global_worker(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:

@@ -25,9 +25,9 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image; raises on corrupt or truncated data."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # truncated data raises here (PIL.ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-        return img.convert("RGB")
+    img = Image.open(io.BytesIO(data))  # in-memory source: nothing to close
+    img.load()  # truncated data raises here (PIL.ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ImageTransform:
                 rw, rh = int(short * width / height), short
         else:  # timm resizes to the exact (H, W) / crop_pct for non-square inputs
             rh, rw = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
-        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+        top, left = round((rh - h) / 2.0), round((rw - w) / 2.0)
         sx, sy = width / rw, height / rh
         return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 

@@ -68,6 +68,11 @@ class DeepSpeedEngine(EngineAdapter):
         self._half_dtype = (
             torch.float16 if engine.fp16_enabled() else torch.bfloat16 if engine.bfloat16_enabled() else None
         )
+        if engine.gradient_accumulation_steps() != 1:
+            log.warning(
+                "deepspeed: gradient_accumulation_steps=%d in ds_config; with the gradient cache one "
+                "step() is one optimizer step and backward never divides by it (scale_wrt_gas=False)",
+                engine.gradient_accumulation_steps())
         self._coalesce = self._resolve_coalesce(coalesce)
         self._in_coalesce = False
         log.info(

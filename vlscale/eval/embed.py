@@ -46,7 +46,8 @@ def embed_dataset(model: nn.Module, loader: Iterable[Any], *, group_by: GroupBy 
 
     ``loader`` yields batches with ``pixels``, ``tokens``, ``attention_mask`` (a
     ``vlscale.data.Batch`` or a dict); one batch at a time is on the device. The model runs in
-    eval mode (restored afterwards)."""
+    eval mode (restored afterwards). Which forwards run depends only on the data, so under
+    ZeRO-3 / FSDP (collective forwards) every rank must iterate the same loader."""
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     was_training = model.training

@@ -256,6 +256,8 @@ def _loss_and_grads(loss_fn: LossFn, embs: dict[str, Tensor]) -> tuple[Tensor, d
     with torch.enable_grad():
         loss, metrics = loss_fn(leaves)
         _check_loss(loss)
+        if not loss.requires_grad:
+            raise ValueError("gradcache: the loss does not depend on any model output")
         used = list(leaves)
         grads = torch.autograd.grad(loss.float().sum(), [leaves[k] for k in used], allow_unused=True)
     out = {k: g for k, g in zip(used, grads) if g is not None}

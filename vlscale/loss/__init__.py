@@ -9,6 +9,7 @@ from vlscale.loss.backend import LossBackend, ReferenceBackend
 from vlscale.loss.backends import get_backend
 from vlscale.loss.chunked import ChunkedBackend
 from vlscale.loss.contrastive import (
+    Comm,
     ContrastiveLoss,
     LocalComm,
     LossPlan,
@@ -21,6 +22,7 @@ from vlscale.loss.contrastive import (
 
 __all__ = [
     "ChunkedBackend",
+    "Comm",
     "ContrastiveLoss",
     "LocalComm",
     "LossBackend",

@@ -3,25 +3,22 @@
 The distributed loss (:mod:`vlscale.loss.distributed`) needs exactly these collectives per call,
 all on one process group, issued in the same order on every rank:
 
-=====================  ==========================  ===========================================
-when                   collective                  payload per rank
-=====================  ==========================  ===========================================
-forward, first         all-gather  (metadata)      ``len(META_FIELDS)`` float64
-forward                all-gather  (keys)          ``n_max·D`` in the input dtype (async)
-forward, mix only      all-gather  (labels_b)      ``n_max`` int64 (async, symmetric loss only)
-forward, symmetric     all-reduce MAX + SUM        ``2·N`` fp32: column log-sum-exp merge
-forward                all-reduce SUM              1 fp32: the loss value
-backward               reduce-scatter              ``W·n_max·D`` fp32 in, ``n_max·D`` out
-backward (scale grad)  all-reduce SUM              1 fp32
-=====================  ==========================  ===========================================
+- forward, first: all-gather of the metadata, ``len(META_FIELDS)`` float64 per rank;
+- forward: the columns (keys / texts), ``N·D`` in the input dtype, async: W broadcasts, one per
+  owner, up to ``PIPELINE_MAX_WORLD`` ranks, else one all-gather of pieces padded to ``n_max``;
+- forward, symmetric loss with mixup: all-gather of the ``labels_b`` slices, ``n_max`` int64;
+- forward, symmetric loss: all-reduce MAX + all-reduce SUM of ``N`` fp32 each (column lse merge);
+- forward: all-reduce SUM of 1 fp32 (the loss value);
+- backward: reduce-scatter of the columns' gradient, ``W·n_max·D`` fp32 in, ``n_max·D`` out;
+- backward: all-reduce SUM of 1 fp32 (the logit-scale gradient).
 
 The column statistics exchange is O(N) floats, independent of D and never O(N²): each rank
 holds log-sum-exps over its local rows, ``c_r``; the merge is ``m = max_r c_r`` (all-reduce
 MAX), ``c = m + log Σ_r exp(c_r − m)`` (all-reduce SUM), which never overflows in fp32.
 
-Uneven local batch sizes (a last partial batch) are supported by padding every piece to the
-largest local size ``n_max`` for the fixed-size collectives and dropping the padding afterwards.
-Every collective is looked up as ``dist.<name>`` at call time, so a test can count the bytes
+Uneven local batch sizes (a last partial batch) are supported: broadcasts go straight into each
+owner's slice; the fixed-size collectives (all-gather, reduce-scatter) pad every piece to the
+largest local size ``n_max`` and drop the padding afterwards. Every collective is looked up as ``dist.<name>`` at call time, so a test can count the bytes
 moved by wrapping the ``torch.distributed`` functions.
 """
 
@@ -126,37 +123,80 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, pad])
 
 
+# Up to this many ranks the column gather is W async broadcasts, one per owner, so that the loss
+# can start on each piece as it lands; above it, the launch latency of W collectives outweighs the
+# gain and one all-gather is used (overlapped with the local block only).
+PIPELINE_MAX_WORLD = 16
+
+
 @dataclass
 class PendingGather:
-    """An all-gather in flight: ``wait()`` returns the compact (Σ sizes, …) tensor in rank order."""
+    """A gather in flight into ``buffer``, the compact (Σ sizes, …) tensor in rank order.
 
-    buffer: Tensor  # (W·n_max, …) padded pieces, one per rank
+    ``wait_piece(src)`` waits for the rows of rank ``src`` only (pipelined gathers; otherwise it
+    waits for everything); ``wait()`` for all of them and returns ``buffer``.
+    """
+
+    buffer: Tensor
     sizes: list[int]
-    work: object | None
-    source: Tensor | None = None  # this rank's (padded) piece: kept alive until the gather is done
+    works: list[object | None]  # one per source rank (pipelined) or a single all-gather
+    pipelined: bool = False
+    recv: Tensor | None = None  # the padded receive buffer of an uneven all-gather, copied on wait
+    source: Tensor | None = None  # this rank's sent piece: kept alive until the gather is done
 
-    @property
-    def even(self) -> bool:
-        return len(set(self.sizes)) == 1
+    def piece(self, src: int) -> Tensor:
+        off = sum(self.sizes[:src])
+        return self.buffer[off : off + self.sizes[src]]
+
+    def wait_piece(self, src: int) -> Tensor:
+        if not self.pipelined:
+            self.wait()
+            return self.piece(src)
+        work = self.works[src]
+        if work is not None:
+            work.wait()
+            self.works[src] = None
+        return self.piece(src)
 
     def wait(self) -> Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work, self.source = None, None
-        if self.even:
-            return self.buffer
-        n_max = max(self.sizes)
-        pieces = [self.buffer[r * n_max : r * n_max + n] for r, n in enumerate(self.sizes)]
-        return torch.cat(pieces)
+        for i, work in enumerate(self.works):
+            if work is not None:
+                work.wait()
+                self.works[i] = None
+        if self.recv is not None:  # uneven all-gather: drop the padding
+            n_max = max(self.sizes)
+            for r, n in enumerate(self.sizes):
+                self.piece(r).copy_(self.recv[r * n_max : r * n_max + n])
+            self.recv = None
+        self.source = None
+        return self.buffer
 
 
-def start_all_gather(x: Tensor, sizes: list[int], group: object) -> PendingGather:
-    """Launch an async all-gather of ``x`` (this rank's rows); pieces padded to ``max(sizes)``."""
+def start_gather(x: Tensor, sizes: list[int], group: object, *, pipelined: bool | None = None) -> PendingGather:
+    """Launch an async gather of ``x`` (this rank's rows) from every rank of ``group``.
+
+    Pipelined (default up to ``PIPELINE_MAX_WORLD`` ranks): one broadcast per owner straight into
+    its slice of the compact buffer, so uneven sizes need no padding. Otherwise one all-gather of
+    pieces padded to ``max(sizes)``, compacted on ``wait()``. Either way each rank sends and receives
+    about (W−1)/W of the gathered bytes on a ring.
+    """
+    world, rank = len(sizes), dist.get_rank(group)
+    x = x.detach()
+    buffer = x.new_empty((sum(sizes), *x.shape[1:]))
+    if pipelined is None:
+        pipelined = world <= PIPELINE_MAX_WORLD
+    if pipelined:
+        pending = PendingGather(buffer, sizes, [], pipelined=True)
+        pending.piece(rank).copy_(x)
+        for src in range(world):  # every rank issues the same W broadcasts in the same order
+            root = dist.get_global_rank(group, src)
+            pending.works.append(dist.broadcast(pending.piece(src), src=root, group=group, async_op=True))
+        return pending
     n_max = max(sizes)
-    piece = _pad_rows(x.detach(), n_max)
-    buffer = piece.new_empty((len(sizes) * n_max, *piece.shape[1:]))
-    work = getattr(dist, _ALL_GATHER)(buffer, piece, group=group, async_op=True)
-    return PendingGather(buffer, sizes, work, piece)
+    piece = _pad_rows(x, n_max)
+    recv = buffer if len(set(sizes)) == 1 else piece.new_empty((world * n_max, *piece.shape[1:]))
+    work = getattr(dist, _ALL_GATHER)(recv, piece, group=group, async_op=True)
+    return PendingGather(buffer, sizes, [work], recv=None if recv is buffer else recv, source=piece)
 
 
 class GroupComm:
@@ -178,7 +218,7 @@ class GroupComm:
         # A column no rank saw (impossible with non-empty ranks) would have peak −inf: keep it finite.
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
         total = torch.exp(c - peak)
-        pass
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return peak + torch.log(total)
 
     def reduce_dk(self, dk_all: Tensor) -> Tensor:

@@ -10,15 +10,20 @@ the communication (:mod:`vlscale.loss.comm`) and the gradient convention.
 
 Algorithm (per call)
     1. All-gather a small metadata vector (sizes, dtype, D, grad flags, finiteness, the scale,
-       mixup λ, label ranges, a fingerprint of ``extra_keys``): uneven sizes are handled by
-       padding, and bad or inconsistent inputs raise the same ``ValueError`` on every rank
-       instead of leaving the other ranks hanging in a collective.
-    2. All-gather the column side (text / keys; O(N·D)) asynchronously; with mixup, all-gather
-       the ``labels_b`` slices too (O(N) int64, symmetric loss only).
+       mixup λ, label ranges, a fingerprint of ``extra_keys``): every rank learns every local
+       size, so uneven sizes (a last partial batch) just work, and bad or inconsistent inputs
+       raise the same ``ValueError`` on every rank instead of leaving the others hanging in a
+       collective. This is the call's one device→host sync.
+    2. Gather the column side (text / keys; O(N·D)) asynchronously; with mixup, all-gather the
+       ``labels_b`` slices too (O(N) int64, symmetric loss only).
     3. Row log-sum-exps are complete locally; column log-sum-exps (symmetric loss) are partial
        and merged with an all-reduce MAX + all-reduce SUM of exp-shifted values: 2·N fp32.
     4. Backward: the gathered columns' gradient partials are reduce-scattered to their owners
        (fp32, so the sum over ranks is exact to fp32); the logit-scale gradient is all-reduced.
+
+    Memory per rank: the gathered columns (N·D, input dtype), their fp32 gradient in the
+    backward (N·D·4) and O(N) statistics; never a logits block. Bytes moved per rank and a
+    comparison with open_clip, DisCo-CLIP and Inf-CL: ``benchmarks/comm_model.py``.
 
 Gradient convention (read this; open_clip #616 is this bug)
     DDP, DeepSpeed and FSDP AVERAGE parameter gradients over the W ranks after backward. So that
@@ -48,18 +53,16 @@ Labels, mixup and extra keys in the distributed case
       process would. A cheap fingerprint is compared across ranks; a mismatch raises ValueError.
 
 What is overlapped
-    The forward computes the local block (local rows × this rank's own columns) while the
-    all-gather of the other ranks' columns is in flight (and the labels all-gather rides along),
-    then the rest of the columns. In the backward the reduce-scatter consumes the gradient
-    kernel's output and the towers' backward consumes its result, so inside the loss it is not
-    overlapped; in a training step it overlaps with nothing of the loss but is small next to the
-    towers (O(N·D) once per step). With uneven local sizes the gather is completed first (the
-    padding is removed before the gradient kernels see the columns).
+    The column gather is W async broadcasts, one per owner (one all-gather above
+    ``comm.PIPELINE_MAX_WORLD`` ranks). The forward's log-sum-exp starts at once on the local block
+    (local rows × own columns, from the local tensor), then takes each other rank's piece as soon as
+    it has landed, while the later pieces are still in flight; the mixup labels' all-gather rides
+    along. What cannot be overlapped inside the loss: the column log-sum-exp merge (its input is the
+    whole forward's output and the loss needs its result) and, in the backward, the reduce-scatter
+    (its input is the gradient kernel's output and the towers' backward needs its result).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.distributed as dist
@@ -75,11 +78,9 @@ from vlscale.loss.comm import (
     extra_fingerprint,
     flag_mask,
     flag_names,
-    start_all_gather,
+    start_gather,
 )
 from vlscale.loss.contrastive import fused_loss, one_way_plan, symmetric_plan
-
-log = logging.getLogger(__name__)
 
 __all__ = ["distributed_contrastive_loss", "distributed_info_nce"]
 
@@ -98,21 +99,22 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class _OverlappedGather:
-    """A :class:`LossBackend` wrapper that overlaps the column all-gather with the local block.
+    """A :class:`LossBackend` wrapper that overlaps the column gather with the forward's compute.
 
     ``fused_loss`` first touches the gathered columns through ``backend.lse(q, k_all, ...)`` (the
-    seam's documented order). While the all-gather is in flight, that call computes the block of
-    this rank's own columns from the LOCAL tensor (the gather buffer is still being written),
-    waits, then computes the other ranks' columns and merges: row lse by log-sum-exp, column lse
-    by concatenation in rank order. Every later call is passed through unchanged.
+    seam's documented order). That call runs while the gather is still in flight: it computes the
+    block of this rank's own columns from the LOCAL tensor (its slot in the buffer may still be
+    in flight on other streams), then, for each other rank in order, waits for that rank's piece
+    only and computes its block while the later pieces are still arriving. Row lse are merged by
+    log-sum-exp, column lse concatenated in rank order. Every later call is passed through.
     """
 
-    def __init__(self, inner: LossBackend, pending: PendingGather, k_local: Tensor, offset: int) -> None:
+    def __init__(self, inner: LossBackend, pending: PendingGather, k_local: Tensor, rank: int) -> None:
         self.inner = inner
         self.name = inner.name
         self._pending: PendingGather | None = pending
         self._k_local = k_local.detach()
-        self._offset = offset
+        self._rank = rank
 
     def _finish(self) -> None:
         if self._pending is not None:
@@ -121,25 +123,20 @@ class _OverlappedGather:
 
     def lse(self, q: Tensor, k: Tensor, scale: Tensor, **kw: object) -> tuple[Tensor, Tensor | None]:
         pending = self._pending
-        is_buffer = pending is not None and k.data_ptr() == pending.buffer.data_ptr() and k.shape == pending.buffer.shape
-        if not is_buffer:
+        buf = None if pending is None else pending.buffer
+        if buf is None or k.data_ptr() != buf.data_ptr() or k.shape != buf.shape:
             self._finish()
             return self.inner.lse(q, k, scale, **kw)
-        lo, hi = self._offset, self._offset + self._k_local.shape[0]
-        row_local, col_local = self.inner.lse(q, self._k_local, scale, **kw)  # overlaps the gather
+        blocks = {self._rank: self.inner.lse(q, self._k_local, scale, **kw)}
+        for src in range(len(pending.sizes)):
+            if src != self._rank:
+                blocks[src] = self.inner.lse(q, pending.wait_piece(src), scale, **kw)
         self._finish()
-        rows, cols = [row_local], []
-        for part in (slice(0, lo), slice(hi, k.shape[0])):
-            if part.stop > part.start:
-                r, c = self.inner.lse(q, k[part], scale, **kw)
-                rows.append(r)
-                cols.append((part.start, c))
-        row = torch.logsumexp(torch.stack(rows), dim=0)
-        if col_local is None:
+        ordered = [blocks[src] for src in range(len(pending.sizes))]
+        row = torch.logsumexp(torch.stack([r for r, _ in ordered]), dim=0)
+        if ordered[0][1] is None:
             return row, None
-        cols.append((lo, col_local))
-        col = torch.cat([c for _, c in sorted(cols, key=lambda item: item[0])])
-        return row, col
+        return row, torch.cat([c for _, c in ordered])
 
     def grad(self, *args: object, **kw: object) -> tuple[Tensor, Tensor | None]:
         self._finish()
@@ -234,16 +231,10 @@ def _validate(layout: Layout, *, paired: bool, labels_bound: int) -> None:
         )
 
 
-def _gather_columns(
-    k: Tensor, layout: Layout, backend: LossBackend, group: object
-) -> tuple[Tensor, LossBackend, PendingGather]:
-    """Start the column all-gather; return (k_all, the backend to use, the pending gather)."""
-    sizes = layout.sizes("cols")
-    pending = start_all_gather(k, sizes, group)
-    if pending.even:
-        return pending.buffer, _OverlappedGather(backend, pending, k, layout.offset("cols")), pending
-    log.debug("uneven local sizes %s: the column gather is not overlapped", sizes)
-    return pending.wait(), backend, pending  # uneven: strip the padding before any compute
+def _gather_columns(k: Tensor, layout: Layout, backend: LossBackend, group: object) -> tuple[Tensor, LossBackend]:
+    """Start the column gather; return (the buffer it fills, a backend that overlaps with it)."""
+    pending = start_gather(k, layout.sizes("cols"), group)
+    return pending.buffer, _OverlappedGather(backend, pending, k, layout.rank)
 
 
 def distributed_contrastive_loss(
@@ -272,8 +263,10 @@ def distributed_contrastive_loss(
     layout = exchange_meta(meta, image_emb.device, group)
     total = layout.total("cols")
     _validate(layout, paired=True, labels_bound=total)
-    pending_labels = start_all_gather(labels_b, layout.sizes("cols"), group) if labels_b is not None else None
-    k_all, inner, _ = _gather_columns(text_emb, layout, backend, group)
+    pending_labels = None
+    if labels_b is not None:  # tiny: one all-gather, in flight together with the columns
+        pending_labels = start_gather(labels_b, layout.sizes("cols"), group, pipelined=False)
+    k_all, inner = _gather_columns(text_emb, layout, backend, group)
     offset = layout.offset("cols")
     mix_global = None if pending_labels is None else (pending_labels.wait(), lam)
     plan = symmetric_plan(n, num_total=total, offset=offset, mix=mix_global, device=image_emb.device)
@@ -315,7 +308,7 @@ def distributed_info_nce(
         if m_total > n_total:
             raise ValueError(f"labels=None means the global arange({m_total}) but there are only {n_total} keys")
         labels = layout.offset("rows") + torch.arange(m, device=query.device)
-    k_all, inner, _ = _gather_columns(keys, layout, backend, group)
+    k_all, inner = _gather_columns(keys, layout, backend, group)
     mix_local = None if labels_b is None else (labels_b, lam)
     plan = one_way_plan(labels, num_total=m_total, mix=mix_local, col_offset=layout.offset("cols"))
     comm = GroupComm(group, layout.sizes("cols"), layout.rank)

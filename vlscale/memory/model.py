@@ -30,12 +30,12 @@ MIB = float(2**20)
 LOSS_IMPLS = ("triton", "chunked", "naive")
 
 # open_clip-style naive loss keeps, per direction, the B_local×B logits and the log-softmax that
-# cross-entropy saves for backward; the backward adds one gradient buffer of the same size at a time.
-# 5 = 2 directions × (logits + log-softmax) + 1 transient gradient; checked on CPU by
-# benchmarks/memory_report.py (measured/predicted ratio in benchmarks/results/memory_model_cpu.md).
-NAIVE_LOGIT_COPIES = 5
-# The chunked torch backend holds one fp32 tile of S, its exponentials and the probability tile.
-CHUNKED_TILE_COPIES = 3
+# cross-entropy saves for backward (2 × 2 copies); the backward's gradient buffers reuse memory the
+# forward copies free. Measured on CPU by benchmarks/memory_report.py (results/memory_model_cpu.md).
+NAIVE_LOGIT_COPIES = 4
+# The chunked torch backend's gradient pass holds the tile of S, the probability accumulator,
+# exp(S − lse) and its scaled product at once (4 fp32 tiles); measured the same way.
+CHUNKED_TILE_COPIES = 4
 # Row statistics (lse, coefficient, target logit) and column statistics (partial lse, merged lse,
 # coefficient, target logit), fp32 each.
 ROW_STATS, COL_STATS = 3, 4
@@ -187,6 +187,7 @@ def predict_memory(
     chunk_act_bytes_per_row: float | None = None,
     act_fixed_bytes: float = 0.0,
     step_transient_bytes: float | None = None,
+    nograd_act_bytes_per_row: float = 0.0,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory for one training step.
 
@@ -216,12 +217,14 @@ def predict_memory(
             gradient in the backward); the intercept of :func:`~vlscale.memory.towers.measure_activation_cost`.
         step_transient_bytes: temporaries of the optimizer step. Default: the fp32 copy of the
             gradient partition this rank steps (``PrecisionSpec.step_grad`` bytes per parameter).
+        nograd_act_bytes_per_row: transient peak per row of a no-grad forward (gradient cache pass 1).
     """
     _check_positive(params=params, world_size=world_size, global_batch=global_batch, embed_dim=embed_dim)
     for name, v in {"act_bytes_per_pair": act_bytes_per_pair, "input_bytes_per_pair": input_bytes_per_pair,
                     "engine_buffer_bytes": engine_buffer_bytes, "act_fixed_bytes": act_fixed_bytes,
                     "chunk_act_bytes_per_row": chunk_act_bytes_per_row or 0.0,
-                    "step_transient_bytes": step_transient_bytes or 0.0}.items():
+                    "step_transient_bytes": step_transient_bytes or 0.0,
+                    "nograd_act_bytes_per_row": nograd_act_bytes_per_row}.items():
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a finite number ≥ 0, got {v!r}")
     if loss_impl not in LOSS_IMPLS:
@@ -263,7 +266,8 @@ def predict_memory(
     else:
         # Pass 1 ends with the chunk pieces and their concatenation alive at once.
         comps["embedding pieces"] = comps["local embeddings"]
-        phases = {"embed": [*base, "inputs", "local embeddings", "embedding pieces"],
+        comps["no-grad forward transient"] = rows * float(nograd_act_bytes_per_row)
+        phases = {"embed": [*base, "inputs", "local embeddings", "embedding pieces", "no-grad forward transient"],
                   "loss": [*base, *loss],
                   "reforward": [*base, "inputs", "activations", "local embeddings", "embedding grads"],
                   "step": [*base, "optimizer step transient"]}
@@ -274,7 +278,7 @@ def predict_memory(
               "input_bytes_per_pair": input_bytes_per_pair, "loss_block": list(loss_block),
               "loss_workspace_bytes": loss_workspace_bytes, "engine_buffer_bytes": engine_buffer_bytes,
               "chunk_act_bytes_per_row": chunk_act_bytes_per_row, "act_fixed_bytes": act_fixed_bytes,
-              "step_transient_bytes": step_transient_bytes}
+              "step_transient_bytes": step_transient_bytes, "nograd_act_bytes_per_row": nograd_act_bytes_per_row}
     return MemoryEstimate(comps, phases, config)
 
 

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from vlscale.memory.tracker import MemoryTracker
 
-InputsFn = Callable[[int, torch.device], dict[str, Tensor]]
+# make_inputs(start, stop, device): inputs of rows [start, stop) of a rank's batch. The same rows
+# must give the same inputs every time (the gradient cache re-forwards them).
+InputsFn = Callable[[int, int, torch.device], dict[str, Tensor]]
 
 
 def count_params(model: nn.Module, *, trainable_only: bool = True) -> int:
@@ -51,16 +53,18 @@ def dual_encoder_params(vision_model: str = "vit_base_patch16_224", text_model: 
                                           embed_dim=embed_dim, **cfg))
 
 
-def pair_inputs(image_size: int = 224, context_length: int = 32, vocab: int = 1000) -> InputsFn:
-    """A function making ``n`` random (pixels, tokens) pairs on a device; full-length text."""
+def pair_inputs(image_size: int = 224, context_length: int = 32, vocab: int = 1000, *,
+                seed: int = 0) -> InputsFn:
+    """Random (pixels, tokens) pairs, full-length text; rows [start, stop) are seeded by ``start``."""
 
-    def make(n: int, device: torch.device) -> dict[str, Tensor]:
-        meta = device.type == "meta"
+    def make(start: int, stop: int, device: torch.device) -> dict[str, Tensor]:
+        n = stop - start
         pixels = torch.empty(n, 3, image_size, image_size, device=device)
         tokens = torch.zeros(n, context_length, dtype=torch.long, device=device)
-        if not meta:
-            pixels.normal_()
-            tokens.random_(1, vocab)
+        if device.type != "meta":
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+            pixels.normal_(generator=gen)
+            tokens.random_(1, vocab, generator=gen)
         return {"pixels": pixels, "tokens": tokens}
 
     return make
@@ -105,12 +109,12 @@ def _fused_attention_on_meta() -> Iterator[None]:
             setattr(obj, name, old)
 
 
-def _forward_outputs(model: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
+def _forward_outputs(model: nn.Module, inputs: dict[str, Tensor], *, need_grad: bool = True) -> list[Tensor]:
     out = model(**inputs)
     if isinstance(out, Tensor):
         return [out]
     values = out.values() if isinstance(out, dict) else out
-    return [v for v in values if isinstance(v, Tensor) and v.requires_grad]
+    return [v for v in values if isinstance(v, Tensor) and (v.requires_grad or not need_grad)]
 
 
 def saved_activation_bytes(model: nn.Module, make_inputs: InputsFn, *, n: int = 2,
@@ -138,7 +142,7 @@ def saved_activation_bytes(model: nn.Module, make_inputs: InputsFn, *, n: int = 
             total += base.untyped_storage().nbytes()
         return t
 
-    inputs = make_inputs(n, device)
+    inputs = make_inputs(0, n, device)
     if dtype is not None:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     ctx = _fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext()
@@ -148,14 +152,15 @@ def saved_activation_bytes(model: nn.Module, make_inputs: InputsFn, *, n: int = 
 
 
 def _fwd_bwd_peak(model: nn.Module, inputs: dict[str, Tensor], tracker: MemoryTracker, name: str,
-                  autocast_dtype: torch.dtype | None) -> int:
+                  autocast_dtype: torch.dtype | None, *, grad: bool = True) -> int:
     device = tracker.device
     with tracker.phase(name):
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
-        with ctx:
-            outs = _forward_outputs(model, inputs)
-        torch.stack([o.float().square().mean() for o in outs]).sum().backward()
+        with ctx, torch.set_grad_enabled(grad):
+            outs = _forward_outputs(model, inputs, need_grad=grad)
+        if grad:
+            torch.stack([o.float().square().mean() for o in outs]).sum().backward()
         del outs
     return tracker.records[-1].delta_bytes
 
@@ -166,6 +171,8 @@ class ActivationCost:
 
     per_row: float
     fixed: float
+    nograd_per_row: float = 0.0
+    """Peak per row of a forward without a graph (gradient cache pass 1)."""
 
 
 def measure_activation_cost(model: nn.Module, make_inputs: InputsFn, *, sizes: tuple[int, int] = (8, 24),
@@ -189,11 +196,14 @@ def measure_activation_cost(model: nn.Module, make_inputs: InputsFn, *, sizes: t
     model.train()
     try:
         with tracker.tracking():
-            _fwd_bwd_peak(model, make_inputs(n1, device), tracker, "warmup", autocast_dtype)
-            p1, p2 = (_fwd_bwd_peak(model, make_inputs(n, device), tracker, f"n={n}", autocast_dtype)
+            _fwd_bwd_peak(model, make_inputs(0, n1, device), tracker, "warmup", autocast_dtype)
+            p1, p2 = (_fwd_bwd_peak(model, make_inputs(0, n, device), tracker, f"n={n}", autocast_dtype)
                       for n in (n1, n2))
+            q1, q2 = (_fwd_bwd_peak(model, make_inputs(0, n, device), tracker, f"no-grad n={n}", autocast_dtype,
+                                    grad=False) for n in (n1, n2))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     per_row = max(0.0, (p2 - p1) / (n2 - n1))
-    return ActivationCost(per_row=per_row, fixed=max(0.0, p1 - per_row * n1))
+    return ActivationCost(per_row=per_row, fixed=max(0.0, p1 - per_row * n1),
+                          nograd_per_row=max(q1 / n1, q2 / n2))

@@ -126,8 +126,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _tower_inputs(make_inputs: InputsFn, tower: str, n: int, device: torch.device) -> dict[str, Tensor]:
-    return {k: v for k, v in make_inputs(n, device).items() if k in TOWER_KEYS[tower]}
+def _tower_inputs(make_inputs: InputsFn, tower: str, start: int, stop: int,
+                  device: torch.device) -> dict[str, Tensor]:
+    return {k: v for k, v in make_inputs(start, stop, device).items() if k in TOWER_KEYS[tower]}
 
 
 def _chunks(rows: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -143,7 +144,7 @@ def _embed(model: nn.Module, make_inputs: InputsFn, b_local: int, chunk: int, de
         for tower in pieces:
             for start, stop in _chunks(b_local, chunk):
                 with _autocast(device, autocast):
-                    out = model(**_tower_inputs(make_inputs, tower, stop - start, device))
+                    out = model(**_tower_inputs(make_inputs, tower, start, stop, device))
                 pieces[tower].append(out[tower].float())
                 scale = out["logit_scale"].float()
                 del out
@@ -156,7 +157,7 @@ def _reforward(model: nn.Module, make_inputs: InputsFn, grads: dict[str, Tensor]
     spans = [(t, a, b) for t in ("image", "text") for a, b in _chunks(b_local, chunk)]
     for i, (tower, start, stop) in enumerate(spans):
         with _autocast(device, autocast):
-            out = model(**_tower_inputs(make_inputs, tower, stop - start, device))
+            out = model(**_tower_inputs(make_inputs, tower, start, stop, device))
         surrogate = (out[tower].float() * grads[tower][start:stop]).sum()
         if i == len(spans) - 1:  # logit_scale gets its gradient exactly once
             surrogate = surrogate + (out["logit_scale"].float() * scale_grad).sum()
@@ -180,8 +181,8 @@ def run_rank_step(model: nn.Module, make_inputs: InputsFn, optimizer: torch.opti
     if chunk is None:
         with tracker.phase("fwd_bwd"):
             with _autocast(device, autocast):
-                img = model(**_tower_inputs(make_inputs, "image", b_local, device))
-                txt = model(**_tower_inputs(make_inputs, "text", b_local, device))
+                img = model(**_tower_inputs(make_inputs, "image", 0, b_local, device))
+                txt = model(**_tower_inputs(make_inputs, "text", 0, b_local, device))
             loss = contrastive_step_loss(img["image"].float(), txt["text"].float(), img["logit_scale"].float(),
                                          global_batch=global_batch, impl=loss_impl)
             loss.backward()

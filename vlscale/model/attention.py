@@ -110,14 +110,19 @@ def _xformers_timm_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None 
     if is_causal:
         raise ValueError("xformers timm attention: causal attention is not supported")
     b, n, _ = x.shape
-    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    # getattr: gate / norm / attn_dim are newer than some timm 1.0.x releases (the GPU image's).
+    gate_layer = getattr(self, "gate", None)
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+    attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv.unbind(2)  # (B, N, H, D): xformers' layout, no transpose needed
     q, k = self.q_norm(q), self.k_norm(k)
     bias = _bool_mask_to_bias(attn_mask, q, self.num_heads)
     p = self.attn_drop.p if self.training else 0.0
-    x = _memory_efficient_attention(q, k, v, bias, p, self.scale).reshape(b, n, self.attn_dim)
-    x = self.norm(x)
+    x = _memory_efficient_attention(q, k, v, bias, p, self.scale).reshape(b, n, attn_dim)
+    norm = getattr(self, "norm", None)
+    if norm is not None:
+        x = norm(x)
     if gate is not None:
         x = x * gate
     return self.proj_drop(self.proj(x))

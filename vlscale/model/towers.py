@@ -177,8 +177,10 @@ def load_vision_weights(model: nn.Module, path: str) -> None:
     else:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    # Classifier heads are not part of a num_classes=0 trunk: drop them rather than fail.
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
+    # A checkpoint's classifier is not part of a num_classes=0 trunk: drop such keys rather than
+    # fail — but only those the trunk lacks (ConvNeXt keeps head.norm.* with num_classes=0).
+    own = set(model.state_dict())
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"vision_weights {str(p)!r} do not match the model: missing {missing[:5]}, "

@@ -12,6 +12,14 @@ gradient cache hands it, so the cached gradient flows back through the mix into 
 
 Draws are a pure function of (seed, step): every rank flips the same coin and draws the same
 lam without communicating, and a resumed run replays them exactly.
+
+Per step::
+
+    plan = mixup.plan(step, local_batch, offset=rank * local_batch)
+    pixels = plan.mix_pixels(pixels)                       # before the (chunked) forward
+    # inside loss_fn(embs):
+    loss = contrastive_loss(embs["image"], plan.mix_text(embs["text"]), embs["logit_scale"],
+                            mix=plan.mix(device), process_group=pg)
 """
 
 from __future__ import annotations

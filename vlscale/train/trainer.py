@@ -57,6 +57,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.micro, _, self.global_batch = resolve_batch(cfg.train, self.rt.world_size)
+        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir) if resume else None  # fail before building
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = DualEncoder(cfg.model).to(self.rt.device)
         self.engine, self.optimizer, self.scheduler = self._build_engine()
@@ -75,8 +76,10 @@ class Trainer:
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
         self.losses: dict[int, float] = {}
-        if resume:
-            self._resume(resume)
+        if resume_from is not None:
+            self._resume(resume_from)
+        elif resume:
+            log.info("resume=%s: no checkpoint in %s yet, starting from scratch", resume, self.ckpt_dir)
         if self.rt.is_main:
             save_config(cfg, self.run_dir / "config.json")
         self.logger = MetricsLogger(self.run_dir, enabled=self.rt.is_main, tensorboard=cfg.train.tensorboard,
@@ -120,11 +123,7 @@ class Trainer:
             max_length=cfg.model.context_length, on_error="skip",
             scale=(0.9, 1.0) if cfg.data.augment else (1.0, 1.0))
 
-    def _resume(self, resume: str) -> None:
-        path = ckpt.resolve_resume(resume, self.ckpt_dir)
-        if path is None:
-            log.info("resume=%s: no checkpoint in %s yet, starting from scratch", resume, self.ckpt_dir)
-            return
+    def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
                                      scheduler=self.scheduler, loader=self.loader)
         self.step = state["step"]
@@ -133,10 +132,19 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def _batches(self) -> Iterator[Any]:
-        """Endless stream of batches; each pass over the shards is one epoch of the loader."""
+        """Endless stream of batches; each pass over the shards is one epoch of the loader.
+
+        Fetching runs under a forked RNG: a new DataLoader iterator draws its base seed from the
+        global torch RNG, which would shift dropout / mixup after a resume (the data pipeline
+        seeds its own randomness per batch and keeps its position in ``loader.state_dict()``)."""
         while True:
             empty = True
-            for batch in self.loader:
+            epoch = iter(self.loader)
+            while True:
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(epoch, None)
+                if batch is None:
+                    break
                 empty = False
                 yield batch
             if empty:
