@@ -7,10 +7,13 @@ DisCo-CLIP and Inf-CL's ring (see ``benchmarks/comm_model.py``), written to
 Part ``rank`` (GPU): the exact work ONE rank does at world size W (default 8), with the other ranks'
 embeddings simulated on the same device — local rows B/W × all B columns — for each provider:
 
-- ``vlscale-triton`` / ``vlscale-chunked``: the real autograd core
-  (:func:`vlscale.loss.contrastive.fused_loss`) on local rows and a gather buffer it allocates, with
-  a comm object that does the column log-sum-exp merge's arithmetic and slices the reduce-scatter
-  (the network itself is not simulated: see the model for its bytes);
+- ``vlscale-<impl>`` (triton, chunked, reference): the real autograd core
+  (:func:`vlscale.loss.contrastive.fused_loss`) behind the distributed module's overlap wrapper,
+  on local rows and a gather buffer it allocates, with a comm object that does the column
+  log-sum-exp merge's arithmetic and slices the reduce-scatter (the network is not simulated: see
+  the model for its bytes). ``vlscale-<impl>`` computes one block per owner (the pipelined
+  gather, W ≤ 16); ``vlscale-<impl>-allgather`` the own block then the rest in two calls (the
+  single all-gather path): comparing them tells whether W smaller kernel calls cost throughput;
 - ``openclip-local``: ``ClipLoss(local_loss=True, gather_with_grad=True)``'s per-rank math: both
   sides gathered, two (B/W)×B logit blocks, two cross-entropies;
 
@@ -63,16 +66,24 @@ class SimulatedComm:
         return x.clone()
 
 
-def vlscale_step(impl: str, world: int) -> Callable:
+def vlscale_step(provider: str, world: int) -> Callable:
+    """``vlscale-<impl>[-allgather]``: rank 0's forward + backward exactly as the distributed loss
+    runs it (the overlap wrapper's per-owner blocks, or own block + the rest after one all-gather),
+    with every gathered piece already landed."""
     from vlscale.loss.backends import get_backend
+    from vlscale.loss.comm import PendingGather
     from vlscale.loss.contrastive import fused_loss, symmetric_plan
+    from vlscale.loss.distributed import _OverlappedGather
+
+    impl, pipelined = provider.split("-")[1], not provider.endswith("-allgather")
 
     def loss(img_loc, txt_loc, txt_others, scale):
         k_all = torch.cat([txt_loc.detach(), txt_others])  # the gather buffer this rank allocates
         b = img_loc.shape[0]
+        pending = PendingGather(k_all, [b] * world, [None] * (world if pipelined else 1), pipelined=pipelined)
+        backend = _OverlappedGather(get_backend(impl, img_loc.device), pending, txt_loc, 0)
         plan = symmetric_plan(b, num_total=k_all.shape[0], offset=0, device=img_loc.device)
-        return fused_loss(img_loc, txt_loc, scale, plan, backend=get_backend(impl, img_loc.device),
-                          k_all=k_all, comm=SimulatedComm(b))
+        return fused_loss(img_loc, txt_loc, scale, plan, backend=backend, k_all=k_all, comm=SimulatedComm(b))
 
     return loss
 
@@ -121,7 +132,7 @@ def measure(provider: str, b: int, args, device: torch.device) -> dict:
         if provider == "openclip-local":
             fn = lambda: openclip_local_step(img, txt, txt_o, t.exp(), img_o)  # noqa: E731
         else:
-            fn = (lambda lf: lambda: lf(img, txt, txt_o, t.exp()))(vlscale_step(provider.split("-")[1], args.world))
+            fn = (lambda lf: lambda: lf(img, txt, txt_o, t.exp()))(vlscale_step(provider, args.world))
 
         def run() -> None:
             for x in (img, txt, t):
@@ -191,14 +202,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="32768,131072,262144,1048576")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--providers", default="vlscale-triton,vlscale-chunked,openclip-local")
+    p.add_argument("--providers", default="vlscale-triton,vlscale-triton-allgather,vlscale-chunked,openclip-local")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the rank part (checks the script)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if a.smoke:
         a.sizes, a.dim, a.dtype, a.reps = "64,96", 32, "fp32", 2
-        a.providers = "vlscale-chunked,vlscale-reference,openclip-local"
+        a.providers = "vlscale-chunked,vlscale-reference-allgather,openclip-local"
     a.sizes = [int(x) for x in str(a.sizes).split(",")]
     a.providers = a.providers.split(",")
     if any(s % a.world for s in a.sizes):

@@ -7,8 +7,8 @@ NCCL's ring algorithms move data: an all-gather or a reduce-scatter of a total o
 parameter all-reduce of the towers (the same for every method) is not counted.
 
 vlscale (:mod:`vlscale.loss.distributed`)
-    forward: metadata all-gather (13 float64), texts gathered by W broadcasts (ring cost as an
-    all-gather of B·D·e), column log-sum-exp merge
+    forward: metadata all-gather (13 float64), texts gathered by W broadcasts up to 16 ranks (on a
+    ring each rank sends (W−1)/W·B·D·e, as in an all-gather of B·D·e), column log-sum-exp merge
     (all-reduce MAX + SUM of B fp32), loss all-reduce (1 fp32); mixup adds a labels all-gather
     (B int64); backward: reduce-scatter of the text gradient in fp32 (B·D·4), scale gradient
     all-reduce (1 fp32). The column statistics exchange is the only B-sized part besides the
@@ -33,7 +33,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlscale.loss.comm import META_FIELDS
+from vlscale.loss.comm import META_FIELDS, PIPELINE_MAX_WORLD
 
 RESULTS = Path(__file__).resolve().parent / "results"
 META_BYTES = 8 * len(META_FIELDS)  # vlscale's per-rank metadata vector (float64)
@@ -67,7 +67,8 @@ def vlscale_bytes(b: int, w: int, d: int, e: int, *, mix: bool = False) -> dict[
     scalars = 2 * _ar(4, w)
     fwd = _ag(META_BYTES * w, w) + _ag(b * d * e, w) + (_ag(8 * b, w) if mix else 0) + stats + scalars / 2
     bwd = _ag(b * d * 4, w) + scalars / 2
-    return {"forward": fwd, "backward": bwd, "stats_exchange": stats, "collectives": 7 + int(mix)}
+    gather_calls = w if w <= PIPELINE_MAX_WORLD else 1  # one broadcast per owner, or one all-gather
+    return {"forward": fwd, "backward": bwd, "stats_exchange": stats, "collectives": 6 + gather_calls + int(mix)}
 
 
 def open_clip_bytes(b: int, w: int, d: int, e: int) -> dict[str, float]:

@@ -240,48 +240,67 @@ def run_cpu(out: Path, quick: bool) -> dict[str, Any]:
     return result
 
 
+def measure_rank(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype, world: int, chunk: int,
+                 global_batch: int, impl: str, act_bytes_per_pair: float, backend: str = "auto") -> dict[str, Any]:
+    """Run rank 0's step (after a one-chunk warm-up step) and compare each phase with the prediction.
+
+    16-bit parameters and gradients with :class:`ShardedAdam` states for 1/``world`` of the
+    parameters: ZeRO-1-like memory, an upper bound on ZeRO-2 (which also shards the gradients).
+    """
+    from vlscale.model import DualEncoder, ModelConfig
+
+    tracker = MemoryTracker(device, backend=backend)
+    base = pair_inputs(image_size=cfg.get("image_size") or 224, context_length=cfg["context_length"],
+                       vocab=200 if cfg.get("tokenizer_words") else 1000)
+
+    def make(start: int, stop: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base(start, stop, dev).items()}
+
+    result: dict[str, Any] = {"global_batch": global_batch, "world_size": world, "chunk": chunk, "loss_impl": impl,
+                              "dtype": str(dtype), "oom": None}
+    with tracker.tracking():
+        model = DualEncoder(ModelConfig(**cfg)).to(device=device, dtype=dtype)
+        opt = ShardedAdam(list(model.parameters()), world)
+        run_rank_step(model, make, opt, world_size=world, global_batch=world * chunk, chunk=chunk, loss_impl=impl,
+                      tracker=tracker)
+        tracker.records.clear()
+        t0 = time.perf_counter()
+        try:
+            run_rank_step(model, make, opt, world_size=world, global_batch=global_batch, chunk=chunk,
+                          loss_impl=impl, tracker=tracker)
+        except torch.cuda.OutOfMemoryError as err:  # the answer "does not fit", with the phase
+            result["oom"] = {"after_phases": [r.name for r in tracker.records], "error": str(err)[:500]}
+        result["step_seconds"] = time.perf_counter() - t0
+    measured = {r.name: r.peak_bytes for r in tracker.records}
+    kw = dict(params=count_params(model), world_size=world, precision="fp16", global_batch=global_batch,
+              chunk=chunk, embed_dim=cfg["embed_dim"], act_bytes_per_pair=act_bytes_per_pair, loss_impl=impl,
+              input_bytes_per_pair=make(0, 1, torch.device("meta"))["pixels"].nbytes + cfg["context_length"] * 8)
+    pred = predict_memory(zero_stage=1, **kw)
+    result.update(measured=measured, predicted_zero1=pred.to_dict(),
+                  predicted_zero2=predict_memory(zero_stage=2, **kw).to_dict(),
+                  peak_measured=max(measured.values(), default=0), report=tracker.report("measured"),
+                  table=pred.table("predicted (ZeRO-1-like states)"))
+    return result
+
+
 def run_gpu(out: Path, global_batch: int, impl: str) -> dict[str, Any] | None:
     """One rank of 8 under a 32 GiB cap. Returns None (and says why) without CUDA."""
     if not torch.cuda.is_available():
         print("gpu mode: skipped (no CUDA device)")
         return None
-    from vlscale.model import DualEncoder, ModelConfig
-
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, V100 / total), device)
-    world, chunk = 8, 256
-    model = DualEncoder(ModelConfig(**BIG)).to(device=device, dtype=torch.float16)
-    params = count_params(model)
-    base = pair_inputs(context_length=BIG["context_length"])
-
-    def make(start: int, stop: int, dev: torch.device) -> dict[str, torch.Tensor]:
-        return {k: (v.half() if v.is_floating_point() else v) for k, v in base(start, stop, dev).items()}
-
-    opt = ShardedAdam(list(model.parameters()), world)
-    tracker = MemoryTracker(device, backend="cuda")
-    run_rank_step(model, make, opt, world_size=world, global_batch=world * chunk, chunk=chunk, loss_impl=impl,
-                  tracker=tracker)
-    start = len(tracker.records)
-    t0 = time.perf_counter()
-    run_rank_step(model, make, opt, world_size=world, global_batch=global_batch, chunk=chunk, loss_impl=impl,
-                  tracker=tracker)
-    seconds = time.perf_counter() - t0
-    measured = {r.name: r.peak_bytes for r in tracker.records[start:]}
-    kw = dict(params=params, world_size=world, precision="fp16", global_batch=global_batch, chunk=chunk,
-              embed_dim=BIG["embed_dim"], act_bytes_per_pair=ANCHOR_ACT, loss_impl=impl,
-              input_bytes_per_pair=3 * 224 * 224 * 2 + 32 * 8)
-    # The emulation keeps full 16-bit gradients (ZeRO-1); ZeRO-2 would hold 2Ψ·(1 − 1/W) less.
-    pred = predict_memory(zero_stage=1, **kw)
-    result = {"env": _env(), "global_batch": global_batch, "world_size": world, "chunk": chunk, "loss_impl": impl,
-              "step_seconds": seconds, "measured": measured, "predicted_zero1": pred.to_dict(),
-              "predicted_zero2": predict_memory(zero_stage=2, **kw).to_dict(),
-              "peak_measured": max(measured.values()), "target": TARGET,
-              "meets_target": max(measured.values()) <= TARGET}
+    result = measure_rank(BIG, device=device, dtype=torch.float16, world=8, chunk=256, global_batch=global_batch,
+                          impl=impl, act_bytes_per_pair=ANCHOR_ACT)
+    result.update(env=_env(), cap=V100, target=TARGET,
+                  meets_target=result["oom"] is None and result["peak_measured"] <= TARGET)
+    pred_total = result["predicted_zero1"]["total"]
     md = ["# Memory model (GPU run: one rank of 8 under a 32 GiB cap)", "", f"`{json.dumps(result['env'])}`", "",
-          tracker.report("measured (second step)"), "", pred.table("predicted (ZeRO-1-like states)"), "",
-          f"peak measured **{result['peak_measured'] / GIB:.2f} GiB** vs predicted {pred.total / GIB:.2f} GiB; "
-          f"target ≤ 30 GiB: **{result['meets_target']}**; step {seconds:.1f} s"]
+          result["report"], "", result["table"], "",
+          f"peak measured **{result['peak_measured'] / GIB:.2f} GiB** vs predicted {pred_total / GIB:.2f} GiB; "
+          f"out of memory: {result['oom']}; target ≤ 30 GiB: **{result['meets_target']}**; "
+          f"step {result['step_seconds']:.1f} s"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_model_gpu.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "memory_model_gpu.md").write_text("\n".join(md) + "\n")

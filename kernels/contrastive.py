@@ -13,14 +13,19 @@ The similarity matrix ``S = s·Q·Kᵀ`` (Q: M×D, K: N×D) is never stored. Two
     versus a (M/BLOCK_M)×N partial buffer (4 GiB at that size, Inf-CL's whole budget) or a second
     column pass (a second S: 10·M·N·D instead of 8·M·N·D).
 
-``_grad_kernel`` (backward, used twice)
-    ``dA = Σ_b P_ab·B_b`` with ``P_ab = ca_a·exp(S_ab − la_a) + cb_b·exp(S_ab − lb_b)``, S recomputed
-    tile by tile. Called with (A, B) = (Q, K) it gives dQ/(s·α); with (K, Q) — S transposed — dK/(s·α).
-    Each program owns BLOCK_M rows of A and loops over all of B; since D may be up to 1024, its fp32
-    accumulator lives in the output (read-modify-write per BLOCK_D chunk, owned by this program
-    only) instead of in registers. Cost: the backward evaluates S twice (once per kernel), so the
-    whole loss executes 10·M·N·D FLOPs against the 8·M·N·D floor; a single-pass backward would need
-    atomics on dK (B×D fp32 atomics per column of tiles).
+Backward, ``dA = Σ_b P_ab·B_b`` with ``P_ab = ca_a·exp(S_ab − la_a) + cb_b·exp(S_ab − lb_b)``, run
+twice: with (A, B) = (Q, K) it gives dQ/(s·α); with (K, Q) — S transposed — dK/(s·α). So the
+backward evaluates S twice and the whole loss executes 10·M·N·D FLOPs against the 8·M·N·D floor
+(a single pass would need B×D fp32 atomics on dK). Two variants (``KernelSettings.backward``):
+
+``"banded"`` (default): ``_probs_kernel`` — a GEMM with a softmax epilogue — writes a band of
+    R rows of P (R·N elements in the input dtype, ``band_elems`` ≈ 256 MiB), and cuBLAS computes
+    ``P_band · B`` with an fp32 result. Two thirds of the backward FLOPs run in cuBLAS; the band
+    costs one write and one read of R·N·2 bytes per 2·R·N·D FLOPs (compute-bound for D ≳ 256).
+``"fused"``: ``_grad_kernel`` — each program owns BLOCK_M rows of A and loops over all of B; as D
+    may be up to 1024 its fp32 accumulator lives in the output (read-modify-write per BLOCK_D chunk,
+    owned by this program only) instead of registers. No P buffer, but that traffic is L2-bound
+    (~BLOCK_N/2 FLOPs per byte), which is why it is not the default.
 
 Softmax math follows FlashAttention-2 (Dao, 2023): base-2 exponentials with log2(e) folded into the
 scale, fp32 accumulation, ``P`` cast to the input dtype before the tensor-core product (as the
@@ -117,34 +122,39 @@ def _lse_kernel(Q, K, SCALE, ROW_M, ROW_L, COL_M, COL_L,
 
 
 @triton.jit
+def _probs(s2, rows, rmask, cols, cmask, A_LSE, A_COEF, B_LSE, B_COEF,
+           HAS_A: tl.constexpr, HAS_B: tl.constexpr):
+    """``P_ab = ca_a·2^(S2_ab − la2_a) + cb_b·2^(S2_ab − lb2_b)`` (fp32, 0 outside the masks)."""
+    p = tl.zeros(s2.shape, dtype=tl.float32)
+    if HAS_A:
+        a_lse2 = tl.load(A_LSE + rows, mask=rmask, other=0.0) * LOG2E
+        a_coef = tl.load(A_COEF + rows, mask=rmask, other=0.0)
+        p += a_coef[:, None] * tl.exp2(s2 - a_lse2[:, None])
+    if HAS_B:
+        b_lse2 = tl.load(B_LSE + cols, mask=cmask, other=0.0) * LOG2E
+        b_coef = tl.load(B_COEF + cols, mask=cmask, other=0.0)
+        p += b_coef[None, :] * tl.exp2(s2 - b_lse2[None, :])
+    return tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
+
+
+@triton.jit
 def _grad_kernel(A, B, SCALE, A_LSE, A_COEF, B_LSE, B_COEF, DA,
                  M, N, D, stride_a, stride_b, stride_da,
                  HAS_A: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
-    """``DA[rows] += Σ_b P_ab·B_b``, ``P_ab = ca_a·2^(S2_ab − la2_a) + cb_b·2^(S2_ab − lb2_b)``."""
+    """Fused backward: ``DA[rows] += Σ_b P_ab·B_b`` over all of B, P recomputed per tile."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     scale2 = tl.load(SCALE).to(tl.float32) * LOG2E
-    if HAS_A:
-        a_lse2 = tl.load(A_LSE + rows, mask=rmask, other=0.0) * LOG2E
-        a_coef = tl.load(A_COEF + rows, mask=rmask, other=0.0)
     da_row = rows.to(tl.int64)[:, None] * stride_da
-    b_row0 = tl.arange(0, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + b_row0
+        cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
         s2 = _scores(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
                      BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, INPUT_PRECISION) * scale2
-        p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_A:
-            p += a_coef[:, None] * tl.exp2(s2 - a_lse2[:, None])
-        if HAS_B:
-            b_lse2 = tl.load(B_LSE + cols, mask=cmask, other=0.0) * LOG2E
-            b_coef = tl.load(B_COEF + cols, mask=cmask, other=0.0)
-            p += b_coef[None, :] * tl.exp2(s2 - b_lse2[None, :])
-        p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
+        p = _probs(s2, rows, rmask, cols, cmask, A_LSE, A_COEF, B_LSE, B_COEF, HAS_A, HAS_B)
         if not UPCAST:
             p = p.to(B.dtype.element_ty)
         b_col = cols.to(tl.int64)[:, None] * stride_b
@@ -159,6 +169,25 @@ def _grad_kernel(A, B, SCALE, A_LSE, A_COEF, B_LSE, B_COEF, DA,
             acc = tl.dot(p, b, acc, input_precision=INPUT_PRECISION)
             tl.store(DA + da_row + d[None, :], acc, mask=out_mask)
             tl.debug_barrier()
+
+
+@triton.jit
+def _probs_kernel(A, B, SCALE, A_LSE, A_COEF, B_LSE, B_COEF, P,
+                  M, N, D, stride_a, stride_b, stride_p,
+                  HAS_A: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Banded backward: one (BLOCK_M, BLOCK_N) tile of P written in P's dtype (a GEMM epilogue)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    scale2 = tl.load(SCALE).to(tl.float32) * LOG2E
+    s2 = _scores(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+                 BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, INPUT_PRECISION) * scale2
+    p = _probs(s2, rows, rmask, cols, cmask, A_LSE, A_COEF, B_LSE, B_COEF, HAS_A, HAS_B)
+    ptr = P + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+    tl.store(ptr, p.to(P.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,8 @@ class KernelSettings:
     upcast: bool = False
     grad_block_m: int = 64
     grad_block_n: int = 64
+    backward: str = "banded"  # "banded": P band + cuBLAS products; "fused": one kernel, no P buffer
+    band_elems: int = 1 << 27  # banded: elements of the P band buffer (256 MiB in bf16)
 
 
 def interpreting() -> bool:
@@ -265,6 +296,39 @@ def _grad_rows(a: Tensor, b: Tensor, s: Tensor, a_lse: Tensor | None, a_coef: Te
     return out
 
 
+def _mm_f32(p: Tensor, b: Tensor) -> Tensor:
+    """``p @ b`` with an fp32 result; 16-bit CUDA operands stay 16-bit inside cuBLAS."""
+    if p.is_cuda and p.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(p, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=)
+            return (p @ b).float()
+    return p @ b.to(p.dtype)
+
+
+def _grad_banded(a: Tensor, b: Tensor, s: Tensor, a_lse: Tensor | None, a_coef: Tensor | None,
+                 b_lse: Tensor | None, b_coef: Tensor | None, cfg: KernelSettings) -> Tensor:
+    """``dA = P·B`` band by band: a kernel writes a (R, N) band of P, cuBLAS multiplies it by B."""
+    (m, d), n = a.shape, b.shape[0]
+    bm, bn = cfg.grad_block_m, cfg.grad_block_n
+    rows = min(triton.cdiv(m, bm) * bm, max(bm, cfg.band_elems // n // bm * bm))
+    buf = torch.empty(rows, n, device=a.device, dtype=torch.float32 if cfg.upcast else a.dtype)
+    out = torch.empty(m, d, device=a.device, dtype=torch.float32)
+    flags = dict(HAS_A=a_coef is not None, HAS_B=b_coef is not None, BLOCK_M=bm, BLOCK_N=bn,
+                 BLOCK_D=cfg.block_d, UPCAST=cfg.upcast, INPUT_PRECISION=cfg.input_precision,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        p = buf[: r1 - r0]
+        band_lse = a_lse[r0:r1] if a_lse is not None else s  # s: never read when HAS_A is off
+        band_coef = a_coef[r0:r1] if a_coef is not None else s
+        _probs_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(n, bn))](
+            a[r0:r1], b, s, band_lse, band_coef, b_lse if b_lse is not None else s,
+            b_coef if b_coef is not None else s, p, r1 - r0, n, d, a.stride(0), b.stride(0), p.stride(0), **flags)
+        out[r0:r1] = _mm_f32(p, b)
+    return out
+
+
 def grad(q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor | None,
          row_coef: Tensor | None, col_coef: Tensor | None, *, need_dk: bool = True,
          settings: KernelSettings | None = None) -> tuple[Tensor, Tensor | None]:
@@ -280,6 +344,9 @@ def grad(q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor |
     cl = None if col_lse is None else col_lse.float().contiguous()
     s = scale.detach().reshape(1).to(torch.float32).contiguous()
     mult = s[0] * alpha
-    dq = _grad_rows(q, k, s, rl, rc, cl, cc, cfg).mul_(mult)  # in place: no second B×D fp32 buffer
-    dk = _grad_rows(k, q, s, cl, cc, rl, rc, cfg).mul_(mult) if need_dk else None
+    if cfg.backward not in ("banded", "fused"):
+        raise ValueError(f"KernelSettings.backward must be 'banded' or 'fused', got {cfg.backward!r}")
+    run = _grad_banded if cfg.backward == "banded" else _grad_rows
+    dq = run(q, k, s, rl, rc, cl, cc, cfg).mul_(mult)  # in place: no second B×D fp32 buffer
+    dk = run(k, q, s, cl, cc, rl, rc, cfg).mul_(mult) if need_dk else None
     return dq, dk

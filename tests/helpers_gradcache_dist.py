@@ -90,8 +90,11 @@ def _present(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict | None = None) -> dict:
-    """Cached ZeRO step vs the plain reference: gradients, then parameters after AdamW."""
+def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict | None = None,
+            gas: int = 1) -> dict:
+    """Cached ZeRO step vs the plain reference: gradients, then parameters after SGD.
+
+    ``gas`` > 1 in the ds_config must not change anything (backward never divides by it)."""
     torch.manual_seed(0)
     model = TinyDualEncoder(**(model_kw or {}))
     ref = copy.deepcopy(model)
@@ -150,7 +153,7 @@ def fp16_overflow_case(rank: int) -> dict:
         torch.manual_seed(0)
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)  # same function for both step kinds
         engine = build_engine("deepspeed", model, optimizer=_sgd, ds_config=ds_config(2, dtype="fp16"))
-        gc = GradCache(engine, chunk_sizes=chunk or {})
+        gc = GradCache(engine, chunk_size=None, chunk_sizes=chunk)
         scales, applied, unchanged = [engine.loss_scale], [], []
         for batch, mult in zip(batches, mults):
             before = _full_params(engine)
@@ -174,7 +177,7 @@ def bf16_case(stage: int, rank: int) -> dict:
         model = TinyDualEncoder(drop=0.0, drop_path=0.0)
         engine = build_engine("deepspeed", model, optimizer=_sgd,
                               ds_config=ds_config(stage, dtype="bf16"))
-        GradCache(engine, chunk_sizes=chunk or {}).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
+        GradCache(engine, chunk_size=None, chunk_sizes=chunk).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
         grads[name] = {n: g.float().clone() for n, g in _full_grads(engine).items() if g is not None}
         engine.optimizer_step()
     return {"grad": _worst(max_rel_err(grads["cached"], grads["plain"])[0]), "n": len(grads["plain"])}
@@ -189,8 +192,7 @@ def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_pa
             key = "-".join(str(a) for a in case)
             start = time.perf_counter()
             if kind == "zero":
-                stage, coalesce, model_kw = args
-                results[key] = ds_case(stage, rank, coalesce, model_kw)
+                results[key] = ds_case(args[0], rank, *args[1:])
             elif kind == "fp16":
                 results[key] = fp16_overflow_case(rank)
             elif kind == "bf16":
@@ -206,31 +208,43 @@ def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_pa
     _finish()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def fsdp_bf16_case(rank: int) -> dict:
+    """FSDP2 with a bf16 mixed-precision policy: cached vs plain step (no dropout), bf16 tolerance."""
+    grads = {}
+    for name, sizes in (("cached", SIZES), ("plain", None)):
+        torch.manual_seed(0)
+        engine = build_engine("fsdp", TinyDualEncoder(drop=0.0, drop_path=0.0), optimizer=_sgd,
+                              param_dtype=torch.bfloat16)
+        GradCache(engine, chunk_size=None, chunk_sizes=sizes).step(make_batch(LOCAL_BATCH, seed=10 + rank), clip_loss)
+        grads[name] = {n: _full(p.grad).float() for n, p in engine.module.named_parameters() if p.grad is not None}
+    return {"grad": _worst(max_rel_err(grads["cached"], grads["plain"])[0]), "n_grads": len(grads["plain"])}
+
+
 def fsdp_case(rank: int, kind: str) -> dict:
-    """FSDP2 / local all-reduce / DDP cached step vs the reference (grads, params after AdamW)."""
+    """FSDP2 / local all-reduce / DDP cached step vs the reference (grads, params after SGD)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = TinyDualEncoder(hier=True, checkpointing=True)
     ref = copy.deepcopy(model)
     wrapped = DDP(model, find_unused_parameters=True) if kind == "ddp" else model
-    engine = build_engine("fsdp" if kind == "fsdp" else "local", wrapped,
-                          optimizer=_sgd)
+    engine = build_engine("fsdp" if kind == "fsdp" else "local", wrapped, optimizer=_sgd)
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
     GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)
 
-    def full(t: torch.Tensor) -> torch.Tensor:
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-    grads = {n: full(p.grad) for n, p in engine.module.named_parameters() if p.grad is not None}
+    grads = {n: _full(p.grad) for n, p in engine.module.named_parameters() if p.grad is not None}
     torch.manual_seed(100 + rank)
     reference_step(ref, inputs, SIZES)
     average_grads(ref)
     grad_err, grad_at = max_rel_err(grads, _present(ref))
     engine.optimizer_step()
     torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9).step()
-    params = {n: full(p.detach()) for n, p in engine.module.named_parameters()}
+    params = {n: _full(p.detach()) for n, p in engine.module.named_parameters()}
     param_err, param_at = max_rel_err(params, {n: p.detach() for n, p in ref.named_parameters()})
     return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
             "n_grads": len(grads)}
@@ -241,7 +255,7 @@ def fsdp_worker(rank: int, world: int, port: int, kinds: list[str], out_path: st
     results: dict[str, Any] = {}
     try:
         for kind in kinds:
-            results[kind] = fsdp_case(rank, kind)
+            results[kind] = fsdp_bf16_case(rank) if kind == "fsdp-bf16" else fsdp_case(rank, kind)
     except Exception:
         results["error"] = traceback.format_exc()
         raise

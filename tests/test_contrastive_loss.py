@@ -15,13 +15,17 @@ from vlscale.kernels.contrastive import KernelSettings
 from vlscale.loss import ChunkedBackend, ContrastiveLoss, contrastive_loss, get_backend, info_nce
 from vlscale.loss.triton_backend import TritonBackend
 
-# Small tiles and 2×2 bands so a 33-row case spans several tiles per band in the interpreter.
+# Small tiles and 2×2 bands so a 33-row case spans several tiles per band in the interpreter; the
+# banded backward with bands of 16 rows, and the fused backward.
 TRITON_SMALL = TritonBackend(KernelSettings(16, 16, 16, row_bands=2, col_bands=2, upcast=True,
-                                            grad_block_m=16, grad_block_n=16))
+                                            grad_block_m=16, grad_block_n=16, band_elems=16 * 40))
+TRITON_FUSED = TritonBackend(KernelSettings(16, 16, 16, row_bands=2, col_bands=2, upcast=True,
+                                            grad_block_m=16, grad_block_n=16, backward="fused"))
 IMPLS = {
     "reference": "reference",
     "chunked": ChunkedBackend(block_m=32, block_n=48),  # ragged edge tiles at 127 and 300
     "triton": TRITON_SMALL,
+    "triton-fused": TRITON_FUSED,
     "triton-default": TritonBackend(),  # the interpreter's own settings (BLOCK_D=64): D=768 in 12 chunks
 }
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -97,7 +101,7 @@ def run_symmetric(impl, b, d, dtype, s, mix=None, ref_dtype_naive=False):
 
 
 SYM_CASES = [
-    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton", 33, 3), ("triton-default", 20, 768),
+    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton-fused", 33, 3), ("triton-default", 20, 768),
     ("chunked", 1, 3), ("chunked", 7, 64), ("chunked", 127, 64), ("chunked", 300, 3), ("chunked", 40, 768),
     ("reference", 7, 64), ("reference", 127, 3),
 ]
@@ -123,7 +127,7 @@ def test_symmetric_low_precision(impl, dtype):
     run_symmetric(IMPLS[impl], 33, 64, dtype, s=50.0)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "triton-fused", "chunked", "reference"])
 @pytest.mark.parametrize("kind", ["reversal", "permutation"])
 def test_symmetric_mix(impl, kind):
     torch.manual_seed(11)
@@ -147,7 +151,7 @@ def run_info_nce(impl, m, n, e, d, dtype, s, *, permuted=True, mix_lam=None):
 
 
 NCE_CASES = [
-    ("triton", 7, 33, 19, 64), ("triton", 33, 7, 0, 3), ("triton", 1, 1, 0, 64),
+    ("triton", 7, 33, 19, 64), ("triton", 33, 7, 0, 3), ("triton-fused", 7, 33, 19, 64), ("triton", 1, 1, 0, 64),
     ("chunked", 127, 300, 50, 64), ("chunked", 300, 127, 0, 3), ("chunked", 7, 33, 19, 768),
     ("reference", 127, 300, 50, 64),
 ]

@@ -164,3 +164,12 @@ def test_round_trip_through_datasets_and_pyarrow(tmp_path, rng) -> None:
                          "--no-progress"]) == 0
     table = pa.ipc.open_file(tmp_path / "again" / "hf2-00000.arrow").read_all()
     assert table.column("image").to_pylist() == images and table.column("key").to_pylist() == [f"k{i}" for i in range(5)]
+
+
+def test_sources_colliding_on_file_prefix_are_refused(tmp_path) -> None:
+    from vlscale.data.build import SourceSpec, build_shards
+
+    specs = [SourceSpec("a b", "table", "x.parquet"), SourceSpec("a_b", "table", "y.parquet")]
+    with pytest.raises(ValueError, match="unique as file prefixes"):
+        build_shards(specs, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -82,3 +82,13 @@ def test_all_bad_batch_stream_ends_cleanly(tmp_path) -> None:
     _write(tmp_path / "s.arrow", rows)
     loader = build_loader(tmp_path, batch_size=2, image_size=8)
     assert list(loader) == [] and loader.stats["unreadable_image"] == 5
+
+
+def test_null_image_in_foreign_table_is_counted(tmp_path) -> None:
+    rows = _rows(6)
+    rows["image"][3] = None  # another tool's table may hold nulls in a nullable binary column
+    rows["concepts"] = [["x"]] * 6
+    _write(tmp_path / "foreign.arrow", rows, chunk=4)
+    loader = build_loader(tmp_path, batch_size=2, image_size=8, train=False)
+    keys = [k for b in loader for k in b.keys]
+    assert sorted(keys) == ["k0", "k1", "k2", "k4", "k5"] and loader.stats["unreadable_image"] == 1

@@ -1,7 +1,7 @@
 """Gradient cache beneath DeepSpeed ZeRO 0–3: cached step == plain big-batch step (fp32, 1e-5 rel).
 
 DeepSpeed start-up costs seconds here, so each test spawns one process group and runs several
-cases in it (see :mod:`helpers_gradcache_dist`). Cases are ``["zero", stage, coalesce, model_kw]``
+cases in it (see :mod:`helpers_gradcache_dist`). Cases are ``["zero", stage, coalesce, model_kw(, gas)]``
 (coalesce None = ``coalesce_grad_reduction`` where supported, False = accumulation-boundary
 flags), ``["fp16"]`` (overflow skip + loss-scale drop vs a plain DeepSpeed step) and
 ``["bf16", stage]``.
@@ -44,7 +44,7 @@ def _check_zero(results: dict, key: str, *, coalescing: bool) -> None:
 def test_deepspeed_single_process_all_stages(port: int, tmp_path: Path) -> None:
     cases = [
         ["zero", 0, None, {}],
-        ["zero", 1, None, {}],
+        ["zero", 1, None, {}, 4],  # gradient_accumulation_steps=4 in the config changes nothing
         ["zero", 2, False, {}],
         ["zero", 2, None, CKPT_HIER],
         ["zero", 3, None, CKPT_HIER],
@@ -54,7 +54,7 @@ def test_deepspeed_single_process_all_stages(port: int, tmp_path: Path) -> None:
     ]
     results = _run(1, port, cases, tmp_path)
     _check_zero(results, "zero-0-None-{}", coalescing=False)
-    _check_zero(results, "zero-1-None-{}", coalescing=True)
+    _check_zero(results, "zero-1-None-{}-4", coalescing=True)
     _check_zero(results, "zero-2-False-{}", coalescing=False)
     _check_zero(results, f"zero-2-None-{CKPT_HIER}", coalescing=True)
     _check_zero(results, f"zero-3-None-{CKPT_HIER}", coalescing=True)

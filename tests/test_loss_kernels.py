@@ -21,14 +21,15 @@ from vlscale.loss.triton_backend import TritonBackend
 REF = ReferenceBackend()
 
 
-def small(bm: int, bn: int, bd: int, bands: int) -> kern.KernelSettings:
+def small(bm: int, bn: int, bd: int, bands: int, backward: str = "fused", band_elems: int = 1 << 27):
     return kern.KernelSettings(bm, bn, bd, row_bands=bands, col_bands=bands, upcast=True,
-                               grad_block_m=bm, grad_block_n=bn)
+                               grad_block_m=bm, grad_block_n=bn, backward=backward, band_elems=band_elems)
 
 
 BACKENDS = {
     "triton-16x32-3bands": TritonBackend(small(16, 32, 16, 3)),
     "triton-32x16-1band": TritonBackend(small(32, 16, 32, 1)),
+    "triton-banded-16rows": TritonBackend(small(16, 16, 16, 2, backward="banded", band_elems=16 * 50)),
     "triton-default": TritonBackend(),
     "chunked-8x13": ChunkedBackend(block_m=8, block_n=13),
 }
@@ -81,7 +82,7 @@ def _d(x):
     return None if x is None else x.double()
 
 
-@pytest.mark.parametrize("name", ["triton-16x32-3bands", "chunked-8x13"])
+@pytest.mark.parametrize("name", ["triton-16x32-3bands", "triton-banded-16rows", "chunked-8x13"])
 def test_extreme_logits_do_not_overflow(name):
     """|S| up to ~10³: exp would overflow fp32 without the running-max shift. (fp32 S itself carries
     an absolute error ~|S|·2⁻²³, hence the looser gradient tolerance.)"""
@@ -139,13 +140,17 @@ lse_sig = {"Q": "*DT", "K": "*DT", **{n: "*fp32" for n in ("SCALE", "ROW_M", "RO
            **common, "stride_q": "i32", "stride_k": "i32", "ROW_BAND": "i32", "COL_BAND": "i32"}
 grad_sig = {"A": "*DT", "B": "*DT", **{n: "*fp32" for n in ("SCALE", "A_LSE", "A_COEF", "B_LSE", "B_COEF", "DA")},
             **common, "stride_a": "i32", "stride_b": "i32", "stride_da": "i32"}
+probs_sig = {"A": "*DT", "B": "*DT", **{n: "*fp32" for n in ("SCALE", "A_LSE", "A_COEF", "B_LSE", "B_COEF")},
+             "P": "*DT", **common, "stride_a": "i32", "stride_b": "i32", "stride_p": "i32"}
 for cap, dt in [(80, "bf16"), (90, "bf16"), (80, "fp32")]:
     ls = {k: v.replace("DT", dt) for k, v in lse_sig.items()}
     gs = {k: v.replace("DT", dt) for k, v in grad_sig.items()}
+    ps = {k: v.replace("DT", dt) for k, v in probs_sig.items()}
     prec = "tf32x3" if dt == "fp32" else "tf32"
     tiles = {"BLOCK_D": 32 if dt == "fp32" else 64, "UPCAST": False, "INPUT_PRECISION": prec}
     for fn, sig, flags in [(K._lse_kernel, ls, {"HAS_COL": True, "BLOCK_M": 128, "BLOCK_N": 64}),
-                           (K._grad_kernel, gs, {"HAS_A": True, "HAS_B": True, "BLOCK_M": 64, "BLOCK_N": 64})]:
+                           (K._grad_kernel, gs, {"HAS_A": True, "HAS_B": True, "BLOCK_M": 64, "BLOCK_N": 64}),
+                           (K._probs_kernel, ps, {"HAS_A": True, "HAS_B": True, "BLOCK_M": 64, "BLOCK_N": 64})]:
         ce = {**flags, **tiles}
         src = ASTSource(fn, {**sig, **{k: "constexpr" for k in ce}}, constexprs=ce)
         out = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 8, "num_stages": 3})

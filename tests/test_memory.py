@@ -127,7 +127,12 @@ def test_tracker_rss_records_known_tensor() -> None:
     rec = {r.name: r for r in tracker.records}
     assert 0.85 * 64 * MIB <= rec["alloc"].delta_bytes <= 1.3 * 64 * MIB, rec["alloc"]
     assert rec["idle"].delta_bytes < 8 * MIB
-    assert "| alloc |" in tracker.report() and tracker.to_dict()["phases"][0]["name"] == "alloc"
+    assert "| alloc | 1 |" in tracker.report() and tracker.to_dict()["phases"][0]["name"] == "alloc"
+    with pytest.raises(RuntimeError, match="nest"), tracker.phase("outer"), tracker.phase("inner"):
+        pass
+    with tracker.phase("idle"):  # usable again; repeats are aggregated in the report
+        pass
+    assert "| idle | 2 |" in tracker.report() and len(tracker.to_dict()["phases"]) == 4
 
 
 def test_tracker_tensors_exact_and_sees_freed_peak() -> None:

@@ -98,8 +98,10 @@ def test_hierarchical_outputs_take_the_named_layers(tiny: DualEncoder) -> None:
 
 def test_hierarchical_on_a_cnn_pools_the_stage() -> None:
     torch.manual_seed(0)
-    model = DualEncoder(tiny_cfg(vision_model="test_resnet", vision_kwargs={}, image_size=None,
+    # image_size on a CNN: timm's ResNet takes no img_size, so it is built without one.
+    model = DualEncoder(tiny_cfg(vision_model="test_resnet", vision_kwargs={}, image_size=32,
                                  hier_image_layers=(2, 1), hier_text_layers=(0, 1))).eval()
+    assert model.data_config()["input_size"] == (3, 32, 32)
     pixels = torch.randn(2, 3, 32, 32)
     out = model(pixels=pixels)
     trunk = model.visual.trunk
@@ -187,22 +189,28 @@ def test_xformers_wiring_with_a_stand_in_kernel(monkeypatch: pytest.MonkeyPatch)
 def test_vision_weights_from_a_local_file_and_folder(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
+    from vlscale.model.towers import VisionTower
+
     torch.manual_seed(1)
-    src = DualEncoder(tiny_cfg())
-    state = {k: v.contiguous() for k, v in src.visual.trunk.state_dict().items()}
+    state = {k: v.contiguous() for k, v in VisionTower(tiny_cfg(), "sdpa").trunk.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
     # A classifier checkpoint: its head is dropped (the trunk is built with num_classes=0).
     torch.save({"state_dict": {**state, "head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}},
                tmp_path / "w.pth")
     for path in (tmp_path / "model.safetensors", tmp_path, tmp_path / "w.pth"):
         torch.manual_seed(2)
-        dst = DualEncoder(tiny_cfg(vision_weights=str(path)))
-        for k, v in dst.visual.trunk.state_dict().items():
+        tower = VisionTower(tiny_cfg(vision_weights=str(path)), "sdpa")
+        for k, v in tower.trunk.state_dict().items():
             torch.testing.assert_close(v, state[k], msg=k)
     with pytest.raises(ValueError, match="do not match"):
-        DualEncoder(tiny_cfg(vision_weights=str(tmp_path / "w.pth"), vision_kwargs={"patch_size": 8, "depth": 3}))
+        VisionTower(tiny_cfg(vision_weights=str(tmp_path / "w.pth"), vision_kwargs={"patch_size": 8, "depth": 3}),
+                    "sdpa")
     with pytest.raises(ValueError, match="does not exist"):
-        DualEncoder(tiny_cfg(vision_weights=str(tmp_path / "missing.pth")))
+        VisionTower(tiny_cfg(vision_weights=str(tmp_path / "missing.pth")), "sdpa")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds none of"):
+        VisionTower(tiny_cfg(vision_weights=str(empty)), "sdpa")
 
 
 def test_minilm_loads_offline_with_its_weights_and_tokenizer() -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from vlscale.data.writer import ShardWriter, WriteSummary
+from vlscale.data.writer import ShardWriter, WriteSummary, safe_prefix
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _PATH_COLS = ("image", "file", "filename", "path", "file_name")
@@ -184,9 +184,9 @@ def source_pairs(spec: SourceSpec) -> Iterator[Pair]:
 def build_shards(specs: list[SourceSpec], out_dir: str | Path, *, target_shard_bytes: int = 256 << 20,
                  rows_per_batch: int = 128, overwrite: bool = False, progress: bool = True) -> list[WriteSummary]:
     """Write every source into ``out_dir`` (one shard series per source); one summary per source."""
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"source names must be unique, got {names}")
+    prefixes = [safe_prefix(s.name) for s in specs]
+    if len(set(prefixes)) != len(prefixes):  # two sources must never write the same file names
+        raise ValueError(f"source names must be unique as file prefixes, got {[s.name for s in specs]}")
     # open every writer first so an existing-shard error happens before anything is written
     writers = [ShardWriter(out_dir, s.name, target_shard_bytes=target_shard_bytes, rows_per_batch=rows_per_batch,
                            overwrite=overwrite) for s in specs]

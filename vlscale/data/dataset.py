@@ -14,6 +14,7 @@ have without the interruption.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -106,7 +107,7 @@ class ShardDataset(IterableDataset):
         k, positions = int(state.get("k", 0)), dict(state.get("pos", {}))
         stats: Counter = Counter()
         while (name := sched.choose(k, positions)) is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, g, k, _AUG_SALT])
+            rng = batch_rng(self.seed, self.epoch, g, k)
             images, rows, positions[name] = self._fill(streams[name], positions.get(name, 0), rng, stats)
             k += 1
             if not rows or (self.drop_last and len(rows) < self.batch_size):
@@ -121,7 +122,7 @@ class ShardDataset(IterableDataset):
         yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions)},
                           stats=dict(stats))
 
-    def _fill(self, stream: RowStream, position: int, rng: np.random.Generator,
+    def _fill(self, stream: RowStream, position: int, rng: random.Random,
               stats: Counter) -> tuple[list[np.ndarray], list[dict], int]:
         """Read rows from ``position`` until ``batch_size`` good samples (or the stream ends)."""
         images: list[np.ndarray] = []
@@ -144,6 +145,12 @@ class ShardDataset(IterableDataset):
             if len(rows) == self.batch_size:
                 break
         return images, rows, end
+
+
+def batch_rng(seed: int, epoch: int, g: int, k: int) -> random.Random:
+    """The augmentation RNG of batch ``k`` of global worker ``g``: a pure function of its position."""
+    state = np.random.SeedSequence([seed, epoch, g, k, _AUG_SALT]).generate_state(2, np.uint64)
+    return random.Random(int(state[0]) << 64 | int(state[1]))
 
 
 def seed_worker_threads(_: int) -> None:

@@ -248,12 +248,36 @@ class RowStream:
                 yield position, window.row(int(perm[off]))
 
 
+class _Segment:
+    """One record-batch slice of a window. Image bytes stay in the memory map (offsets + data
+    buffer, sliced per row); the small text columns become Python lists on first use."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+        self._cols: dict[str, list] | None = None
+        images = batch.column("image")
+        width = np.int64 if pa.types.is_large_binary(images.type) else np.int32
+        offsets = np.frombuffer(images.buffers()[1], dtype=width)
+        self._offsets = offsets[images.offset: images.offset + len(images) + 1]
+        data = images.buffers()[2]
+        self._data = memoryview(data) if data is not None else memoryview(b"")
+        self._valid = images.is_valid().to_numpy(zero_copy_only=False) if images.null_count else None
+
+    def row(self, off: int) -> dict:
+        if self._cols is None:
+            self._cols = {n: self.batch.column(n).to_pylist() for n in self.batch.schema.names if n != "image"}
+        row = {name: col[off] for name, col in self._cols.items()}
+        ok = self._valid is None or self._valid[off]
+        row["image"] = bytes(self._data[int(self._offsets[off]): int(self._offsets[off + 1])]) if ok else b""
+        return row
+
+
 class _Window:
-    """Rows of one shuffle window as zero-copy record-batch slices; a row becomes Python
-    objects only when it is emitted, so a window costs mapped pages, not copied image bytes."""
+    """Rows of one shuffle window as zero-copy record-batch slices; a row's image becomes a
+    Python object only when it is emitted, so a window costs mapped pages, not copied bytes."""
 
     def __init__(self, segments: list[tuple[pa.RecordBatch | None, int]]) -> None:
-        self.segments = [seg for seg, _ in segments]
+        self.segments = [None if seg is None else _Segment(seg) for seg, _ in segments]
         self.starts = np.cumsum([0] + [n for _, n in segments])
 
     def __len__(self) -> int:
@@ -262,10 +286,7 @@ class _Window:
     def row(self, j: int) -> dict | None:
         s = int(np.searchsorted(self.starts, j, side="right")) - 1
         seg = self.segments[s]
-        if seg is None:
-            return None
-        off = j - int(self.starts[s])
-        return {name: seg.column(i)[off].as_py() for i, name in enumerate(seg.schema.names)}
+        return None if seg is None else seg.row(j - int(self.starts[s]))
 
 
 def global_worker(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:

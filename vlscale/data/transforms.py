@@ -1,15 +1,16 @@
 """Image decoding and the train / eval transforms (PIL), configured from a timm data config.
 
 Transforms return ``uint8`` HWC arrays; conversion to float and normalisation happen once per
-batch in the collate (one vectorised op instead of one per image, and a quarter of the bytes
-through the worker queue until then). Random choices come from a ``numpy.random.Generator``
-passed in by the caller, seeded per batch, so a resumed run reproduces the same crops.
+batch in the collate (one vectorised op instead of one per image). Random choices come from a
+``random.Random`` passed in by the caller, seeded per batch, so a resumed run reproduces the
+same crops (``random.Random`` rather than numpy: a scalar draw costs ~0.1 µs instead of ~2 µs).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class ImageTransform:
         if not 0 < self.crop_pct <= 1 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"bad crop_pct {self.crop_pct} or scale {self.scale}")
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
         box = self._random_box(img.width, img.height, rng) if self.train else self._center_box(img.width, img.height)
         h, w = self.size
         out = img.resize((w, h), _RESAMPLE[self.interpolation], box=box)
@@ -59,7 +60,7 @@ class ImageTransform:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8)
 
-    def _random_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    def _random_box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
         area = width * height
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -67,7 +68,7 @@ class ImageTransform:
             aspect = math.exp(rng.uniform(*log_ratio))
             cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < cw <= width and 0 < ch <= height:
-                x, y = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
+                x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
                 return (x, y, x + cw, y + ch)
         # fallback (as torchvision): the whole image, clamped to the allowed aspect range
         in_ratio = width / height

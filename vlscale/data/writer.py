@@ -59,7 +59,8 @@ def check_image(data: bytes, *, full_decode: bool = True) -> str | None:
     return None if fmt in ACCEPTED_FORMATS else "unsupported_format"
 
 
-def _safe_prefix(source: str) -> str:
+def safe_prefix(source: str) -> str:
+    """The shard-file prefix of a source name (characters outside [A-Za-z0-9_.-] become '_')."""
     prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._")
     if not prefix:
         raise ValueError(f"source name {source!r} gives an empty file prefix")
@@ -84,7 +85,7 @@ class ShardWriter:
                              f"({rows_per_batch}) must be positive")
         self.out_dir = Path(out_dir)
         self.source = source
-        self.prefix = _safe_prefix(prefix or source)
+        self.prefix = safe_prefix(prefix or source)
         self.target_shard_bytes = int(target_shard_bytes)
         self.rows_per_batch = int(rows_per_batch)
         self.full_decode = full_decode

@@ -109,8 +109,11 @@ def exchange_meta(values: dict[str, float | Tensor], device: torch.device, group
     if missing:
         raise ValueError(f"metadata fields missing: {sorted(missing)}")
     world = dist.get_world_size(group)
-    mine = torch.stack([torch.as_tensor(values[f], dtype=torch.float64, device=device).reshape(())
-                        for f in META_FIELDS])
+    host = [0.0 if isinstance(values[f], Tensor) else float(values[f]) for f in META_FIELDS]
+    mine = torch.tensor(host, dtype=torch.float64, device=device)  # one host→device copy
+    for i, f in enumerate(META_FIELDS):
+        if isinstance(values[f], Tensor):  # device-side copy, no sync
+            mine[i] = values[f].reshape(()).to(torch.float64)
     out = torch.empty(world * mine.numel(), dtype=torch.float64, device=device)
     getattr(dist, _ALL_GATHER)(out, mine, group=group)
     return Layout(dist.get_rank(group), world, out.view(world, -1).cpu())

@@ -104,9 +104,10 @@ class _OverlappedGather:
     ``fused_loss`` first touches the gathered columns through ``backend.lse(q, k_all, ...)`` (the
     seam's documented order). That call runs while the gather is still in flight: it computes the
     block of this rank's own columns from the LOCAL tensor (its slot in the buffer may still be
-    in flight on other streams), then, for each other rank in order, waits for that rank's piece
-    only and computes its block while the later pieces are still arriving. Row lse are merged by
-    log-sum-exp, column lse concatenated in rank order. Every later call is passed through.
+    in flight on other streams), then, for a pipelined gather, waits for each other rank's piece
+    only and computes its block while the later pieces are still arriving (W calls of N/W
+    columns); for a single all-gather, waits once and computes the rest in two calls. Row lse are
+    merged by log-sum-exp, column lse concatenated in rank order. Later calls pass through.
     """
 
     def __init__(self, inner: LossBackend, pending: PendingGather, k_local: Tensor, rank: int) -> None:
@@ -127,16 +128,22 @@ class _OverlappedGather:
         if buf is None or k.data_ptr() != buf.data_ptr() or k.shape != buf.shape:
             self._finish()
             return self.inner.lse(q, k, scale, **kw)
-        blocks = {self._rank: self.inner.lse(q, self._k_local, scale, **kw)}
-        for src in range(len(pending.sizes)):
-            if src != self._rank:
-                blocks[src] = self.inner.lse(q, pending.wait_piece(src), scale, **kw)
+        lo = sum(pending.sizes[: self._rank])
+        blocks = [(lo, self.inner.lse(q, self._k_local, scale, **kw))]
+        if pending.pipelined:  # one block per owner, each as soon as its piece has landed
+            for src in range(len(pending.sizes)):
+                if src != self._rank:
+                    blocks.append((sum(pending.sizes[:src]), self.inner.lse(q, pending.wait_piece(src), scale, **kw)))
+        else:  # one all-gather: wait once, then the columns before and after our own in two calls
+            hi = lo + self._k_local.shape[0]
+            self._finish()
+            blocks += [(a, self.inner.lse(q, k[a:b], scale, **kw)) for a, b in ((0, lo), (hi, k.shape[0])) if b > a]
         self._finish()
-        ordered = [blocks[src] for src in range(len(pending.sizes))]
-        row = torch.logsumexp(torch.stack([r for r, _ in ordered]), dim=0)
-        if ordered[0][1] is None:
+        blocks.sort(key=lambda item: item[0])
+        row = torch.logsumexp(torch.stack([r for _, (r, _) in blocks]), dim=0)
+        if blocks[0][1][1] is None:
             return row, None
-        return row, torch.cat([c for _, c in ordered])
+        return row, torch.cat([c for _, (_, c) in blocks])
 
     def grad(self, *args: object, **kw: object) -> tuple[Tensor, Tensor | None]:
         self._finish()

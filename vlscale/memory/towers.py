@@ -122,7 +122,7 @@ def saved_activation_bytes(model: nn.Module, make_inputs: InputsFn, *, n: int = 
     """Bytes saved for backward per sample by one forward of ``n`` samples (parameters excluded).
 
     Storages are counted once (views of one tensor share it). On the meta device nothing is
-    computed; ``dtype`` casts the model (e.g. fp16 to count what a 16-bit engine saves).
+    computed; ``dtype`` casts the model in place (e.g. fp16, to count what a 16-bit engine saves).
     """
     device = next(model.parameters()).device
     if dtype is not None:

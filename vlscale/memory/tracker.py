@@ -163,6 +163,7 @@ class MemoryTracker:
         self.interval = interval
         self.records: list[PhaseRecord] = []
         self._tensors: LiveTensorBytes | None = None
+        self._active: str | None = None
 
     # -- backends ------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -188,7 +189,11 @@ class MemoryTracker:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Record the peak memory of the enclosed block as phase ``name``."""
+        """Record the peak memory of the enclosed block as phase ``name`` (phases do not nest)."""
+        if self._active is not None:
+            # Resetting the peak for an inner phase would lose the outer phase's peak.
+            raise RuntimeError(f"phase {name!r} opened inside phase {self._active!r}; phases do not nest")
+        self._active = name
         start_t = time.perf_counter()
         sampler = None
         if self.backend == "cuda":
@@ -204,6 +209,7 @@ class MemoryTracker:
         try:
             yield
         finally:
+            self._active = None
             if self.backend == "cuda":
                 torch.cuda.synchronize(self.device)
                 peak = int(torch.cuda.max_memory_allocated(self.device))
@@ -226,10 +232,16 @@ class MemoryTracker:
                 "phases": [asdict(r) | {"delta_bytes": r.delta_bytes} for r in self.records]}
 
     def report(self, title: str = "measured memory") -> str:
-        """A markdown table: per phase, MiB at start, peak, peak − start, and seconds."""
+        """A markdown table per phase name (aggregated over repeats): count, MiB at the start of
+        the record with the highest peak, that peak, peak − start, and total seconds."""
         lines = [f"**{title}** (backend `{self.backend}`, device `{self.device}`)", "",
-                 "| phase | start MiB | peak MiB | peak − start MiB | s |", "|---|---:|---:|---:|---:|"]
+                 "| phase | count | start MiB | peak MiB | peak − start MiB | total s |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        groups: dict[str, list[PhaseRecord]] = {}
         for r in self.records:
-            lines.append(f"| {r.name} | {r.start_bytes / MIB:.1f} | {r.peak_bytes / MIB:.1f} | "
-                         f"{r.delta_bytes / MIB:.1f} | {r.seconds:.3f} |")
+            groups.setdefault(r.name, []).append(r)
+        for name, recs in groups.items():
+            top = max(recs, key=lambda r: r.peak_bytes)
+            lines.append(f"| {name} | {len(recs)} | {top.start_bytes / MIB:.1f} | {top.peak_bytes / MIB:.1f} | "
+                         f"{top.delta_bytes / MIB:.1f} | {sum(r.seconds for r in recs):.3f} |")
         return "\n".join(lines)

@@ -61,14 +61,18 @@ class ShardedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        grads = [p.grad.reshape(-1)[a:b] if p.grad is not None else torch.zeros(b - a, device=p.device)
-                 for p, a, b in self.pieces]
-        g = torch.cat([x.float() for x in grads])
+        g = torch.zeros_like(self.master)  # the fp32 gradient partition, filled piece by piece
+        offset = 0
+        for p, a, b in self.pieces:
+            if p.grad is not None:
+                g[offset : offset + b - a].copy_(p.grad.reshape(-1)[a:b])
+            offset += b - a
         self.t += 1
         b1, b2 = self.betas
         self.exp_avg.mul_(b1).add_(g, alpha=1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (self.exp_avg_sq / (1 - b2**self.t)).sqrt_().add_(self.eps)
+        # The denominator reuses the gradient copy: one 4Ψ/W temporary, as a fused Adam step.
+        denom = torch.sqrt(self.exp_avg_sq, out=g).div_(math.sqrt(1 - b2**self.t)).add_(self.eps)
         self.master.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - b1**self.t))
         del g, denom
         offset = 0

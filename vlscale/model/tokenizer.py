@@ -29,7 +29,7 @@ _BASE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-/&"
 
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer ``cfg`` asks for (see :class:`ModelConfig` ``tokenizer`` / ``tokenizer_words``)."""
-    from vlscale.model.towers import text_source  # towers imports this module: import lazily
+    from vlscale.model.towers import text_source  # lazily: towers imports timm, word lists need none
 
     if cfg.tokenizer_words:
         return word_tokenizer(cfg.tokenizer_words, context_length=cfg.context_length)

@@ -106,22 +106,12 @@ class VisionTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_impl: str) -> None:
         super().__init__()
-        kwargs = dict(cfg.vision_kwargs)
-        if cfg.image_size is not None:
-            kwargs.setdefault("img_size", cfg.image_size)
-        if cfg.drop_path_rate:
-            kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
-        try:
-            self.trunk = timm.create_model(cfg.vision_model, pretrained=False, num_classes=0, **kwargs)
-        except RuntimeError as err:  # timm: "Unknown model (...)"
-            raise ValueError(f"vision_model {cfg.vision_model!r}: {err}") from None
-        except TypeError as err:  # e.g. img_size passed to a CNN
-            raise ValueError(f"vision_model {cfg.vision_model!r} rejects {kwargs}: {err}") from None
+        self.trunk = _create_timm(cfg)
         if cfg.vision_weights is not None:
             load_vision_weights(self.trunk, cfg.vision_weights)
         self.n_attn = apply_timm_attention(self.trunk, attn_impl)
         self.width = int(getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features)
-        self.image_size = cfg.image_size
+        self.image_size = cfg.image_size or cfg.vision_kwargs.get("img_size")
         self.hier_idx: list[int] = []
         self.hier_widths: list[int] = []
         if cfg.hier_image_layers:
@@ -151,6 +141,26 @@ class VisionTower(nn.Module):
         if self.image_size is not None:
             data_cfg["input_size"] = (3, self.image_size, self.image_size)
         return data_cfg
+
+
+def _create_timm(cfg: ModelConfig) -> nn.Module:
+    """``timm.create_model(..., num_classes=0)``; ``image_size`` goes in as ``img_size`` where the
+    model takes one (ViTs size their position embeddings by it; CNNs take any size and no arg)."""
+    kwargs = dict(cfg.vision_kwargs)
+    if cfg.drop_path_rate:
+        kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
+    sized = cfg.image_size is not None and "img_size" not in kwargs
+    attempts = [{**kwargs, "img_size": cfg.image_size}, kwargs] if sized else [kwargs]
+    for i, kw in enumerate(attempts):
+        try:
+            return timm.create_model(cfg.vision_model, pretrained=False, num_classes=0, **kw)
+        except RuntimeError as err:  # timm: "Unknown model (...)"
+            raise ValueError(f"vision_model {cfg.vision_model!r}: {err}") from None
+        except TypeError as err:
+            if i + 1 < len(attempts) and "img_size" in str(err):
+                continue  # this model has no img_size argument: build it without
+            raise ValueError(f"vision_model {cfg.vision_model!r} rejects {kw}: {err}") from None
+    raise AssertionError("unreachable")
 
 
 def _pool_vision(feat: Tensor | tuple[Tensor, Tensor]) -> Tensor:
@@ -204,6 +214,8 @@ class TextTower(nn.Module):
         if max_pos is not None and cfg.context_length > max_pos:
             raise ValueError(f"context_length {cfg.context_length} exceeds the text tower's "
                              f"max_position_embeddings {max_pos}")
+        if hasattr(config, "use_cache"):
+            config.use_cache = False  # an encoder: no KV cache (and none under activation checkpointing)
         impl = hf_attn_implementation(attn_impl)
         if cfg.text_pretrained:
             self.trunk = AutoModel.from_pretrained(str(src.weights_dir), config=config, local_files_only=True,
