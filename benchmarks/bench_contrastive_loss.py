@@ -141,7 +141,7 @@ def make_inputs(b: int, d: int, dtype: torch.dtype, device: torch.device, seed: 
     g = torch.Generator(device="cpu").manual_seed(seed)
     img = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
     txt = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    t = torch.tensor([math.log(1 / 0.07)], device=device, requires_grad=True)  # learnable, like CLIP
+    t = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)  # learnable scalar, like CLIP
     return img, txt, t
 
 
@@ -258,6 +258,7 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
 
 # Coordinate descent over the Triton tile settings: one axis at a time, keep the fastest value.
 TUNE_AXES = {
+    "backward": ["banded", "fused"],
     "block_n": [64, 128],
     "block_m": [64, 128],
     "block_d": [32, 64, 128],
@@ -265,6 +266,7 @@ TUNE_AXES = {
     "num_stages": [2, 3, 4],
     "grad_block_m": [32, 64, 128],
     "grad_block_n": [32, 64, 128],
+    "band_elems": [1 << 26, 1 << 27, 1 << 28],
 }
 
 

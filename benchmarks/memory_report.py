@@ -46,6 +46,9 @@ BIG = dict(vision_model="vit_base_patch16_224", text_model="bert-base-uncased", 
 # BERT-base's activations dwarf) from dominating the tiny model's peaks.
 TINY = dict(vision_model="vit_tiny_patch16_224", vision_kwargs={"patch_size": 8, "depth": 2}, image_size=32,
             text_model="bert-tiny", tokenizer_words=tuple(f"w{i}" for i in range(200)), embed_dim=64, context_length=16)
+# Trainable parameters of DualEncoder(BIG) as counted on the meta device (the --quick run uses it
+# as given instead of building the model).
+BIG_PARAMS = 195_476_737
 ANCHOR_ACT = 83 * MIB  # ANCHORS.md "Tower costs": ViT-B/16 + BERT-base, bf16 autocast, text length 32
 V100 = 32 * GIB
 TARGET = 30 * GIB
@@ -158,6 +161,14 @@ def validate_cpu(quick: bool) -> dict[str, Any]:
                                 for p in measured}})
         del opt
     rows += validate_loss_phase(quick)
+    # The GPU mode's own path (16-bit weights, ShardedAdam), here in bf16 on the CPU.
+    dry = measure_rank(TINY, device=torch.device("cpu"), dtype=torch.bfloat16, world=world, chunk=16,
+                       global_batch=128, impl="chunked", act_bytes_per_pair=0.0, backend="tensors",
+                       cost_sizes=(8, 24))
+    rows.append({"what": "gpu path, bf16", "loss_impl": "chunked", "chunk": 16, "global_batch": 128,
+                 "world_size": world, "phases": {p: {"measured": m, "predicted": dry["predicted_zero1"]["phase_bytes"][p],
+                                                     "ratio": m / dry["predicted_zero1"]["phase_bytes"][p]}
+                                                 for p, m in dry["measured"].items()}})
     return {"params": params, "tower_costs": costs, "optimizer_temporaries": 2 * largest, "cases": rows}
 
 
@@ -168,7 +179,7 @@ def validate_loss_phase(quick: bool) -> list[dict[str, Any]]:
     world, dim = 4, 64
     sizes = [(impl, b) for impl in ("chunked", "naive") for b in (2048, 8192)]
     out = []
-    for impl, batch in sizes[1::2] if quick else sizes:
+    for impl, batch in sizes[::2] if quick else sizes:
         tracker = MemoryTracker("cpu", backend="tensors")
         with tracker.tracking(), tracker.phase("loss"):
             img, txt = (torch.nn.functional.normalize(torch.randn(batch // world, dim), dim=-1).requires_grad_()
@@ -193,9 +204,9 @@ def _md_validation(v: dict[str, Any]) -> list[str]:
              "fp32, torch Adam, stage 0; chunk 32). Backend `tensors` (exact live tensor bytes). "
              "Tower costs (fitted fwd+bwd peak = fixed + rows · per row):", ""]
     for t, c in v["tower_costs"].items():
-        lines.append(f"- {t}: fitted {c['per_row'] / 1024:.1f} per row + {c['fixed'] / MIB:.2f} MiB fixed; "
-                     f"no-grad forward peak {c['nograd_per_row'] / 1024:.1f} per row; "
-                     f"saved for backward {c['saved_per_row'] / 1024:.1f}")
+        lines.append(f"- {t}: fitted {c['per_row'] / 1024:.1f} KiB per row + {c['fixed'] / MIB:.2f} MiB fixed; "
+                     f"no-grad forward peak {c['nograd_per_row'] / 1024:.1f} KiB per row; "
+                     f"saved for backward {c['saved_per_row'] / 1024:.1f} KiB per row")
     return lines + _md_cases(v["cases"])
 
 
@@ -216,10 +227,13 @@ def _env() -> dict[str, Any]:
 
 
 def run_cpu(out: Path, quick: bool) -> dict[str, Any]:
-    model = meta_dual_encoder(**BIG)
-    params = count_params(model)
-    make = pair_inputs(context_length=BIG["context_length"])
-    saved = tower_costs(model, make, dtype=torch.float16, sizes=(0, 0), measure=False)
+    if quick:  # parameters given, no meta model: the quick run only exercises the report
+        params, saved = BIG_PARAMS, {t: {"saved_per_row": float("nan")} for t in ("image", "text")}
+    else:
+        model = meta_dual_encoder(**BIG)
+        params = count_params(model)
+        make = pair_inputs(context_length=BIG["context_length"])
+        saved = tower_costs(model, make, dtype=torch.float16, sizes=(0, 0), measure=False)
     result = {"env": _env(), "params_vit_b16_bert_base": params, "saved_per_row_fp16_meta": saved,
               "anchor_act_bytes_per_pair": ANCHOR_ACT, "recipes": predict_recipes(params),
               "validation": validate_cpu(quick)}
@@ -241,11 +255,14 @@ def run_cpu(out: Path, quick: bool) -> dict[str, Any]:
 
 
 def measure_rank(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype, world: int, chunk: int,
-                 global_batch: int, impl: str, act_bytes_per_pair: float, backend: str = "auto") -> dict[str, Any]:
+                 global_batch: int, impl: str, act_bytes_per_pair: float, backend: str = "auto",
+                 cost_sizes: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run rank 0's step (after a one-chunk warm-up step) and compare each phase with the prediction.
 
     16-bit parameters and gradients with :class:`ShardedAdam` states for 1/``world`` of the
     parameters: ZeRO-1-like memory, an upper bound on ZeRO-2 (which also shards the gradients).
+    With ``cost_sizes`` the towers' activation costs are measured first and the prediction uses
+    them; ``act_bytes_per_pair`` (e.g. the ANCHORS number) gives a second prediction.
     """
     from vlscale.model import DualEncoder, ModelConfig
 
@@ -260,6 +277,13 @@ def measure_rank(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtyp
                               "dtype": str(dtype), "oom": None}
     with tracker.tracking():
         model = DualEncoder(ModelConfig(**cfg)).to(device=device, dtype=dtype)
+    costs = None
+    if cost_sizes is not None:
+        costs = {t: {"saved_per_row": 0.0} for t in ("image", "text")}
+        for tower, keys in (("image", ("pixels",)), ("text", ("tokens",))):
+            c = measure_activation_cost(model, _only(keys, make), sizes=cost_sizes, backend=tracker.backend)
+            costs[tower].update(per_row=c.per_row, fixed=c.fixed, nograd_per_row=c.nograd_per_row)
+    with tracker.tracking():
         opt = ShardedAdam(list(model.parameters()), world)
         run_rank_step(model, make, opt, world_size=world, global_batch=world * chunk, chunk=chunk, loss_impl=impl,
                       tracker=tracker)
@@ -275,8 +299,12 @@ def measure_rank(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtyp
     kw = dict(params=count_params(model), world_size=world, precision="fp16", global_batch=global_batch,
               chunk=chunk, embed_dim=cfg["embed_dim"], act_bytes_per_pair=act_bytes_per_pair, loss_impl=impl,
               input_bytes_per_pair=make(0, 1, torch.device("meta"))["pixels"].nbytes + cfg["context_length"] * 8)
+    anchor = predict_memory(zero_stage=1, **kw)
+    if costs is not None:
+        kw.update(_chunk_cost(costs, chunk))
     pred = predict_memory(zero_stage=1, **kw)
-    result.update(measured=measured, predicted_zero1=pred.to_dict(),
+    result.update(measured=measured, tower_costs=costs, predicted_zero1=pred.to_dict(),
+                  predicted_zero1_given_act=anchor.to_dict(),
                   predicted_zero2=predict_memory(zero_stage=2, **kw).to_dict(),
                   peak_measured=max(measured.values(), default=0), report=tracker.report("measured"),
                   table=pred.table("predicted (ZeRO-1-like states)"))

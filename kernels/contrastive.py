@@ -1,6 +1,6 @@
 """Triton kernels of the fused contrastive loss (installed as ``vlscale.kernels.contrastive``).
 
-The similarity matrix ``S = s·Q·Kᵀ`` (Q: M×D, K: N×D) is never stored. Two kernels:
+The similarity matrix ``S = s·Q·Kᵀ`` (Q: M×D, K: N×D) is never stored whole.
 
 ``_lse_kernel`` (forward)
     row AND column log-sum-exp of S from ONE evaluation of every S tile (the FLOP floor
@@ -20,8 +20,9 @@ backward evaluates S twice and the whole loss executes 10·M·N·D FLOPs against
 
 ``"banded"`` (default): ``_probs_kernel`` — a GEMM with a softmax epilogue — writes a band of
     R rows of P (R·N elements in the input dtype, ``band_elems`` ≈ 256 MiB), and cuBLAS computes
-    ``P_band · B`` with an fp32 result. Two thirds of the backward FLOPs run in cuBLAS; the band
-    costs one write and one read of R·N·2 bytes per 2·R·N·D FLOPs (compute-bound for D ≳ 256).
+    ``P_band · B`` with an fp32 result. Half of the backward FLOPs (the products with B) run in
+    cuBLAS; the band costs one write and one read of R·N·2 bytes per 2·R·N·D FLOPs (compute-bound
+    for D ≳ 256).
 ``"fused"``: ``_grad_kernel`` — each program owns BLOCK_M rows of A and loops over all of B; as D
     may be up to 1024 its fp32 accumulator lives in the output (read-modify-write per BLOCK_D chunk,
     owned by this program only) instead of registers. No P buffer, but that traffic is L2-bound
@@ -227,14 +228,18 @@ def kernel_settings(m: int, n: int, d: int, dtype: torch.dtype, device: torch.de
     """Block sizes keyed on the shape and device (the single place they are chosen).
 
     Interpreter: 32×32 tiles (few interpreted programs), fp32 everywhere, 2×2 bands so the band
-    logic is exercised. GPU: FlashAttention-2-style 128×64 forward tiles, 64×64 backward tiles,
-    BLOCK_D=64 (32 for fp32), 8 warps, 3 stages, and enough bands for ~4 programs per SM.
+    logic is exercised. GPU: 128×64 forward tiles (FlashAttention-2's shape), 128×128 tiles for the
+    banded backward's GEMM-with-epilogue (64×64 for the fused one), BLOCK_D=64 (32 for fp32),
+    8 warps, 3 stages, and enough forward bands for ~4 programs per SM.
 
-    What was tried: only ahead-of-time compilation (no GPU was available when these were chosen):
-    with bf16 at these sizes ptxas reports 248–255 registers and no spills on sm_90 (wgmma) and
-    ≤ 12 bytes of spill on sm_80; shared memory 24 KiB (forward) and 32 KiB (backward); fp32 with
-    BLOCK_D=64 needed 144–160 KiB, hence 32. The values are untimed: retune them on a GPU with
-    ``benchmarks/bench_contrastive_loss.py`` (``tests/test_loss_kernels.py`` re-checks compilation).
+    What was tried — ahead-of-time compilation only (no GPU was available when these were chosen),
+    bf16, with the divisibility-by-16 specialisation a real launch gets (registers / spills /
+    shared memory from ptxas): forward 128×64: sm_90 195 regs, sm_80 175, no spills, 72 / 48 KiB;
+    forward 128×128: 255 regs (no spill yet; too tight), 96 / 64 KiB; banded P 128×128: sm_90 106
+    regs, sm_80 176, no spills, 96 / 64 KiB; P 64×64: 48 / 73 regs; fused 64×64: 114 / 128 regs.
+    fp32 with BLOCK_D=64 needs ~2× the shared memory, hence 32 (3 stages then fit in sm_86's
+    99 KiB). None of this is timed: retune on a GPU with ``benchmarks/bench_contrastive_loss.py
+    --tune`` (every try is recorded); ``tests/test_loss_kernels.py`` re-checks the compilation.
     """
     block_d = _pow2(d, hi=64)
     if interpreting() or device.type != "cuda":
@@ -249,7 +254,8 @@ def kernel_settings(m: int, n: int, d: int, dtype: torch.dtype, device: torch.de
     side = max(1, math.isqrt(4 * sms))
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # "tf32" is a no-op for 16-bit inputs
     return KernelSettings(bm, bn, block_d, row_bands=min(side, tiles_m), col_bands=min(side, tiles_n),
-                          num_warps=8, num_stages=3, input_precision=precision, upcast=False)
+                          num_warps=8, num_stages=3, input_precision=precision, upcast=False,
+                          grad_block_m=128, grad_block_n=128, backward="banded")
 
 
 def _prep(x: Tensor) -> Tensor:

@@ -98,8 +98,8 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
     torch.manual_seed(0)
     model = TinyDualEncoder(**(model_kw or {}))
     ref = copy.deepcopy(model)
-    engine = build_engine("deepspeed", model, optimizer=_sgd,
-                          ds_config=ds_config(stage), coalesce=coalesce)
+    engine = build_engine("deepspeed", model, optimizer=_sgd, coalesce=coalesce,
+                          ds_config=ds_config(stage, extra={"gradient_accumulation_steps": gas}))
     inputs = make_batch(LOCAL_BATCH, seed=10 + rank)
     torch.manual_seed(100 + rank)
     res = GradCache(engine, chunk_sizes=SIZES).step(inputs, clip_loss)

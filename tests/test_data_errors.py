@@ -92,3 +92,31 @@ def test_null_image_in_foreign_table_is_counted(tmp_path) -> None:
     loader = build_loader(tmp_path, batch_size=2, image_size=8, train=False)
     keys = [k for b in loader for k in b.keys]
     assert sorted(keys) == ["k0", "k1", "k2", "k4", "k5"] and loader.stats["unreadable_image"] == 1
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_unreadable_record_batch(tmp_path, monkeypatch, on_error: str) -> None:
+    """A record batch that fails to read (I/O error) raises naming the file, or is skipped and counted."""
+    import vlscale.data.stream as stream
+
+    write_synthetic_shards(tmp_path, {"s": 12}, rows_per_batch=4, image_size=(8, 8))
+    loader = build_loader(tmp_path, batch_size=3, image_size=8, train=False, on_error=on_error)
+    real_open = stream.open_shard
+
+    class Flaky:
+        def __init__(self, path: str) -> None:
+            self.reader = real_open(path)
+
+        def get_batch(self, i: int) -> pa.RecordBatch:
+            if i == 1:
+                raise OSError("simulated read error")
+            return self.reader.get_batch(i)
+
+    monkeypatch.setattr(stream, "open_shard", Flaky)
+    if on_error == "raise":
+        with pytest.raises(ValueError, match=r"s-00000\.arrow: record batch 1 unreadable"):
+            list(loader)
+        return
+    keys = sorted(k for b in loader for k in b.keys)
+    assert keys == sorted(f"s-{i}" for i in (0, 1, 2, 3, 8, 9, 10, 11))
+    assert loader.stats["unreadable_batch"] == 4

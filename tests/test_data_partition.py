@@ -63,13 +63,25 @@ def _keys(index: ShardIndex, *, world: int, workers: int, debiased: bool, drop_l
     return out
 
 
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("many")
+    # ~1 KiB shards: one or two record batches of 3 rows per shard, a dozen shards
+    write_synthetic_shards(out, {"a": 25, "b": 11}, rows_per_batch=3, target_shard_bytes=1000, image_size=(8, 8))
+    return out
+
+
 @pytest.mark.parametrize(("world", "workers"), [(1, 1), (1, 3), (2, 2), (3, 1), (4, 5)])
 @pytest.mark.parametrize("debiased", [False, True])
-def test_dataset_partition_exactly_once(shard_dir, world: int, workers: int, debiased: bool) -> None:
-    index = ShardIndex(shard_dir)
+@pytest.mark.parametrize("layout", ["few_shards", "many_shards"])
+def test_dataset_partition_exactly_once(shard_dir, many_shards, world: int, workers: int, debiased: bool,
+                                        layout: str) -> None:
+    index = ShardIndex(shard_dir if layout == "few_shards" else many_shards)
+    sizes = {"a": 40, "b": 9, "c": 23} if layout == "few_shards" else {"a": 25, "b": 11}
+    assert (len(index.paths) == 3) if layout == "few_shards" else (len(index.paths) > 10)  # 1 unit per shard
     per_worker = _keys(index, world=world, workers=workers, debiased=debiased)
     flat = [k for ks in per_worker for k in ks]
-    expected = {f"a-{i}" for i in range(40)} | {f"b-{i}" for i in range(9)} | {f"c-{i}" for i in range(23)}
+    expected = {f"{s}-{i}" for s, n in sizes.items() for i in range(n)}
     assert len(flat) == len(set(flat)), "a sample was read twice"
     assert set(flat) == expected, f"missing {sorted(expected - set(flat))[:5]}"
 

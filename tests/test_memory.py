@@ -197,6 +197,17 @@ def test_activation_cost_of_an_mlp() -> None:
     assert count_params(model) == 64 * 256 + 256 + 256 * 64 + 64
 
 
+def test_meta_param_count_equals_real_dual_encoder() -> None:
+    from vlscale.memory.towers import meta_dual_encoder
+    from vlscale.model import DualEncoder, ModelConfig
+
+    cfg = dict(vision_model="vit_tiny_patch16_224", vision_kwargs={"depth": 1}, image_size=32,
+               text_model="bert-tiny", embed_dim=32, context_length=8)
+    meta = meta_dual_encoder(**cfg)
+    assert next(meta.parameters()).device.type == "meta"
+    assert count_params(meta) == count_params(DualEncoder(ModelConfig(**cfg))) > 0
+
+
 # -- one rank's workload ----------------------------------------------------------------------------
 class _TinyDual(nn.Module):
     """Two towers with dropout-free MLPs returning the DualEncoder's output keys."""
@@ -289,6 +300,7 @@ def test_memory_report_cpu_mode_runs(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "memory_model_cpu.json").read_text())
     target = next(r for r in data["recipes"] if r["name"].startswith("vlscale 1M, ZeRO-2, gradient cache 256, fused"))
     assert target["fits_32GiB"] and target["estimate"]["total"] <= 30 * GIB
+    assert data["params_vit_b16_bert_base"] == memory_report.BIG_PARAMS
     assert all(0.8 < p["ratio"] < 1.25 for c in data["validation"]["cases"] for p in c["phases"].values())
     assert "## Predicted per-rank memory" in (tmp_path / "memory_model_cpu.md").read_text()
     if not torch.cuda.is_available():

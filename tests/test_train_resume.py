@@ -11,6 +11,7 @@ launcher, in ``test_train_launcher.py`` (DeepSpeed cannot be re-initialised in o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,17 @@ def _resume_equal(shards: dict[str, Path], tmp_path: Path, engine: list[str]) ->
     assert resumed["counters"]["samples"] == full["counters"]["samples"]
 
 
-def test_resume_equality_local(shards: dict[str, Path], tmp_path: Path) -> None:
-    _resume_equal(shards, tmp_path, LOCAL)
+TECHNIQUES = ["techniques.mixup=true", "techniques.momentum_queue=20", "techniques.concept_prob=0.5",
+              "techniques.hier_weight=0.1", "model.hier_image_layers=[0]", "model.hier_text_layers=[0]"]
+
+
+@pytest.mark.parametrize("techniques", [False, True], ids=["plain", "techniques"])
+def test_resume_equality_local(shards: dict[str, Path], tmp_path: Path, techniques: bool) -> None:
+    """With the techniques on, the momentum towers and queues must come back too (and mixup /
+    concept draws must depend on the step only)."""
+    _resume_equal(shards, tmp_path, LOCAL + (TECHNIQUES if techniques else []))
+    last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert techniques == all(k in last for k in ("loss/momentum", "loss/loss_hier0", "mixup/lam"))
 
 
 def test_resume_auto_without_checkpoint_starts_fresh_and_then_continues(shards: dict[str, Path],

@@ -126,7 +126,7 @@ def test_nonfinite_loss_skip_counts_and_leaves_weights(shards: dict[str, Path], 
         assert skipped["skipped"] == 1.0 and trainer.counters["nonfinite_skips"] == 1 and trainer.step == 1
         assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
         assert all(p.grad is None or not p.grad.abs().sum() for p in trainer.model.parameters())
-        with pytest.raises(NonFiniteLossError, match="more than train.max_nonfinite_skips=1"):
+        with pytest.raises(NonFiniteLossError, match=r"more than train\.max_nonfinite_skips=1"):
             trainer._train_step(next(batches))
     finally:
         trainer.close()

@@ -11,6 +11,7 @@ from vlscale.data.loader import ShardLoader, build_loader
 from vlscale.data.sampling import BatchScheduler
 from vlscale.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from vlscale.data.stream import ShardIndex
+from vlscale.data.synthetic import write_synthetic_shards
 from vlscale.data.transforms import ImageTransform, build_transform, decode_image
 from vlscale.data.writer import ShardWriter, WriteSummary
 
@@ -32,4 +33,5 @@ __all__ = [
     "build_transform",
     "decode_image",
     "tokenize",
+    "write_synthetic_shards",
 ]

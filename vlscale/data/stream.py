@@ -199,14 +199,14 @@ class RowStream:
             self._readers[shard] = open_shard(self.index.paths[shard])
         return self._readers[shard]
 
-    def _read_span(self, span: Span, lo: int, hi: int) -> pa.RecordBatch | None:
+    def _read_span(self, span: Span, lo: int, hi: int) -> _Segment | None:
         unit = self.index.units[span.unit]
         path = self.index.paths[unit.shard]
         try:
             batch = self._reader(unit.shard).get_batch(unit.batch)
             check_schema(batch.schema, path)
             cols = [c for c in ("key", "image", "caption", "source", "concepts") if c in batch.schema.names]
-            return batch.select(cols).slice(span.start + lo, hi - lo)  # zero-copy view of the mmap
+            return _Segment(batch.select(cols).slice(span.start + lo, hi - lo))  # zero-copy view of the mmap
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             if self.on_error == "raise":
                 raise ValueError(f"{path}: record batch {unit.batch} unreadable: {e}") from e
@@ -218,7 +218,7 @@ class RowStream:
             return self._cached[1], self._cached[2]
         self._cached = None  # drop the previous window before mapping the next one
         lo, hi = w * self.buffer, min((w + 1) * self.buffer, self.num_rows)
-        segments: list[tuple[pa.RecordBatch | None, int]] = []
+        segments: list[tuple[_Segment | None, int]] = []
         first = int(np.searchsorted(self._starts, lo, side="right")) - 1
         for i in range(first, len(self.spans)):
             s_lo, s_hi = int(self._starts[i]), int(self._starts[i + 1])
@@ -276,8 +276,8 @@ class _Window:
     """Rows of one shuffle window as zero-copy record-batch slices; a row's image becomes a
     Python object only when it is emitted, so a window costs mapped pages, not copied bytes."""
 
-    def __init__(self, segments: list[tuple[pa.RecordBatch | None, int]]) -> None:
-        self.segments = [None if seg is None else _Segment(seg) for seg, _ in segments]
+    def __init__(self, segments: list[tuple[_Segment | None, int]]) -> None:
+        self.segments = [seg for seg, _ in segments]
         self.starts = np.cumsum([0] + [n for _, n in segments])
 
     def __len__(self) -> int:

@@ -16,23 +16,21 @@ the local embeddings equal to ``world_size ×`` the local share of d(global loss
 d(loss)/d(logit_scale); the engines *average* over ranks, which then gives exactly the
 single-process gradient of the global batch. (The distributed loss follows this convention.)
 
-BatchNorm: chunks are normalised with per-chunk statistics (ghost batch norm) and the running
-statistics are updated once per chunk, in the no-grad pass only (the re-forward restores them);
-a warning says so once.
+BatchNorm: chunks are normalised with per-chunk statistics (ghost batch norm, warned about once);
+running statistics move once per step, in the no-grad pass only (see :mod:`.batchnorm`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlscale.engines.base import EngineAdapter
-from vlscale.gradcache import rng
+from vlscale.gradcache import batchnorm, rng
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +118,10 @@ class GradCache:
 
     @torch.no_grad()
     def _embed(self, towers: dict[str, dict[str, Tensor]]) -> tuple[list[_Chunk], dict[str, Tensor]]:
+        with batchnorm.single_update(self._batchnorms()):
+            return self._embed_chunks(towers)
+
+    def _embed_chunks(self, towers: dict[str, dict[str, Tensor]]) -> tuple[list[_Chunk], dict[str, Tensor]]:
         device = self.engine.device
         chunks: list[_Chunk] = []
         pieces: dict[str, list[Tensor]] = {}
@@ -149,7 +151,7 @@ class GradCache:
     # -- pass 3: re-forward and back-propagate the surrogate ----------------------------------
     def _replay(self, towers: dict[str, dict[str, Tensor]], chunks: list[_Chunk], grads: dict[str, Tensor]) -> None:
         last = len(chunks) - 1
-        with self._bn_frozen(), self.engine.accumulate(), rng.preserved(self.engine.device):
+        with batchnorm.frozen(self._batchnorms()), self.engine.accumulate(), rng.preserved(self.engine.device):
             for i, chunk in enumerate(chunks):
                 boundary = i == last
                 with self.engine.micro_step(boundary=boundary):
@@ -193,24 +195,15 @@ class GradCache:
         return StepResult(loss.detach().float(), metrics, counts, bool(torch.isfinite(loss)))
 
     # -- BatchNorm -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _bn_frozen(self) -> Iterator[None]:
-        """Keep BatchNorm running statistics from being updated a second time by the re-forward."""
-        bns = [m for m in self.engine.module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-        if bns and not self._bn_warned:
+    def _batchnorms(self) -> list[batchnorm.BatchNorm]:
+        layers = batchnorm.batchnorms(self.engine.module)
+        if layers and not self._bn_warned:
             log.warning(
-                "gradcache: %d BatchNorm layer(s) normalise each chunk with its own statistics (ghost "
-                "batch norm, not the big batch's) and update running statistics once per chunk", len(bns))
+                "gradcache: %d BatchNorm layer(s): each chunk is normalised with its own statistics "
+                "(ghost batch norm, not the big batch's); running statistics move once per step, towards "
+                "the mean of the chunks' statistics", len(layers))
             self._bn_warned = True
-        saved = [[b.detach().clone() for b in m.buffers()] for m in bns]
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for m, bufs in zip(bns, saved):
-                    for b, s in zip(m.buffers(), bufs):
-                        b.copy_(s)
+        return layers
 
 
 def _split_inputs(inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:

@@ -102,6 +102,11 @@ class MemoryEstimate:
     phases: dict[str, list[str]]
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """Bytes per component (alias of ``components``)."""
+        return dict(self.components)
+
     def phase_bytes(self) -> dict[str, float]:
         """Bytes live in each phase (sum of that phase's components)."""
         return {p: sum(self.components[c] for c in names) for p, names in self.phases.items()}

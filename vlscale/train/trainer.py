@@ -67,12 +67,9 @@ class Trainer:
         sizes = {k: v for k, v in (("image", gc.image_chunk_size), ("text", gc.text_chunk_size)) if v}
         self.gradcache = GradCache(self.engine, chunk_size=gc.chunk_size if gc.enabled else None,
                                    chunk_sizes=sizes if gc.enabled else None)
-        self.loss_fn = build_loss_fn(cfg, process_group=self.rt.process_group, module=self.engine.module)
-        self.mixup = None
-        if cfg.techniques.mixup:
-            from vlscale.techniques.mixup import CoinFlipMixup
-
-            self.mixup = CoinFlipMixup(alpha=cfg.techniques.mixup_alpha, seed=cfg.train.seed)
+        self.objective = build_loss_fn(cfg, process_group=self.rt.process_group, module=self.engine.module,
+                                       tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro)
+        self.loss_fn = self.objective  # what the gradient cache calls (tests may wrap it)
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
         self.losses: dict[int, float] = {}
@@ -128,6 +125,7 @@ class Trainer:
                                      scheduler=self.scheduler, loader=self.loader)
         self.step = state["step"]
         self.counters.update(state["trainer"].get("counters", {}))
+        self.objective.load_state_dict(state["trainer"].get("objective", {}))
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -172,10 +170,7 @@ class Trainer:
     def _train_step(self, batch: Any) -> dict[str, float]:
         inputs = batch.to(self.rt.device).model_inputs()
         start = time.perf_counter()
-        if self.mixup is not None:  # a pure function of (seed, step): same coin on every rank
-            plan = self.mixup.plan(self.step, self.micro, offset=self.rt.rank * self.micro)
-            inputs["pixels"] = plan.mix_pixels(inputs["pixels"])
-            self.loss_fn.plan = plan
+        inputs = self.objective.prepare(self.step, batch, inputs)  # mixup / concepts / momentum keys
         res = self.gradcache.step(inputs, self.loss_fn)
         loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
         if not math.isfinite(loss) and not self._handle_nonfinite(loss):
@@ -184,6 +179,7 @@ class Trainer:
         self._clip()
         lr = self._lr()  # the rate this step applies (the scheduler advances inside the step)
         applied = self.engine.optimizer_step()
+        self.objective.finish()  # e.g. enqueue the momentum keys
         if not applied:  # an fp16 loss-scale overflow: DeepSpeed skipped it and lowered the scale
             self.counters["overflow_skips"] += 1
         elapsed = time.perf_counter() - start
@@ -256,7 +252,7 @@ class Trainer:
             (self.run_dir / "memory.json").write_text(json.dumps({"ranks": reports}, indent=2) + "\n")
 
     def save(self) -> Path:
-        trainer_state = {"counters": dict(self.counters)}
+        trainer_state = {"counters": dict(self.counters), "objective": self.objective.state_dict()}
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, engine=self.engine, optimizer=self.optimizer,
                                     scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
                                     trainer_state=trainer_state, keep=self.cfg.train.keep_checkpoints)
