@@ -44,6 +44,21 @@ from vlscale.data.collate import collate
 from vlscale.data.writer import ShardWriter
 
 RESULTS = Path(__file__).parent / "results"
+NOTES = [
+    "Providers: `vlscale` = `build_loader` over Arrow shards; `wds_same` = `wds.WebDataset` tars + "
+    "`shuffle(1000)` feeding exactly vlscale's decode, transform, batched tokenization and collate (only the "
+    "storage/reading layer differs); `wds_openclip` = webdataset as open_clip's training script uses it "
+    "(`decode(\"pil\")`, torchvision RandomResizedCrop + ToTensor + Normalize per sample, per-caption "
+    "tokenization, default collation).",
+    "",
+    "Against the webdataset pipeline as the peers write it, vlscale meets the ≥ 1.5× target. Against "
+    "webdataset fed with vlscale's own per-sample code the gain is the reading layer alone (mmap'd Arrow "
+    "slices vs tar parsing and webdataset's generator stages): JPEG decode and the bicubic resize are most of "
+    "the per-sample CPU and are the same code in both, so no reader can reach 1.5× there on ~256 px images. "
+    "vlscale's wins over the peer pipeline: one resample per crop (a box resize, not crop then resize), uint8 "
+    "images through the transform with one batched float conversion + normalisation in the collate, one "
+    "tokenizer call per batch instead of per caption, and zero-copy reads.",
+]
 _PHOTOS = ("astronaut", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
            "colorwheel", "retina", "camera", "brick", "grass", "gravel", "moon", "coins", "clock")
 _WORDS = ("a photo of", "a close-up of", "a picture showing", "an image with", "a view of")
@@ -278,7 +293,8 @@ def report(args: argparse.Namespace, results: dict, cpu_rates: dict, load: dict,
                     "samples/CPU-s", cpu_med, args.workers)
     lines += [f"Load average before/after: {tuple(round(x, 1) for x in load['before'])} / "
               f"{tuple(round(x, 1) for x in load['after'])} on 2 cores: other engineers' jobs were running, so "
-              "wall-clock numbers are noisy; samples per CPU-second is the contention-robust measure."]
+              "wall-clock numbers are noisy; samples per CPU-second is the contention-robust measure.", "",
+              *NOTES]
     (args.out / "data_pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -164,3 +164,14 @@ def test_cli_print_config_and_errors() -> None:
 @pytest.mark.parametrize("script", ["deepspeed.sh", "torchrun.sh"])
 def test_launcher_scripts_parse(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / "launch" / script)], check=True)
+
+
+def test_recipe_from_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('description = "a user recipe"\n[train]\nlr = 0.002\nsteps = 9\n[engine]\nkind = "local"\n'
+                    '[model]\nembed_dim = 32\n')
+    cfg = load_recipe(str(path), ["train.steps=11"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.engine.kind, cfg.model.embed_dim) == (0.002, 11, "local", 32)
+    path.write_text("[train]\nlr = 0.002\n[nonsense]\nx = 1\n")
+    with pytest.raises(ValueError, match="unknown key 'nonsense'"):
+        load_recipe(str(path))

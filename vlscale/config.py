@@ -46,7 +46,7 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     augment: bool = True
-    """Random train-time augmentation in the loader (off for scenes where position is a label)."""
+    """Random resized crops (area 0.9–1) at train time; never flips (captions say left / right)."""
     debiased: bool = False
     """ZeroVL debiased sampling: each batch from one source, drawn proportionally to its size."""
 
@@ -384,19 +384,16 @@ def recipe_path(name_or_path: str) -> Path:
     raise ValueError(f"config: no recipe {name_or_path!r} (named recipes: {', '.join(names)}; or a .json/.toml path)")
 
 
-def read_recipe(path: Path) -> dict[str, Any]:
-    """The raw mapping of a JSON or TOML recipe file."""
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A named recipe (or a JSON / TOML recipe file) plus ``section.key=value`` overrides, validated."""
+    path = recipe_path(name_or_path)
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(path.read_text())
-    return json.loads(path.read_text())
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A named recipe (or a recipe file) plus ``section.key=value`` overrides, validated."""
-    path = recipe_path(name_or_path)
-    raw = apply_overrides(read_recipe(path), list(overrides))
+        raw = tomllib.loads(path.read_text())
+    else:
+        raw = json.loads(path.read_text())
+    raw = apply_overrides(raw, list(overrides))
     raw["recipe"] = name_or_path
     return config_from_dict(raw)
 
@@ -420,7 +417,7 @@ def __getattr__(name: str) -> Any:
     # to_deepspeed_config lives in vlscale.train.dsconfig (batch arithmetic + user JSON checks);
     # re-exported lazily so that importing the config never imports the trainer.
     if name == "to_deepspeed_config":
-        from vlscale.train.dsconfig import to_deepspeed_config
+        from vlscale.train import dsconfig
 
-        return to_deepspeed_config
+        return dsconfig.to_deepspeed_config
     raise AttributeError(name)

@@ -118,7 +118,7 @@ def _write_split(out_dir: Path, source: str, n_images: int, captions_per_image: 
     return writer.summary.as_dict()
 
 
-def build_demo_dataset(root: str | Path, *, n_train: int = 6000, n_eval: int = 300,
+def build_demo_dataset(root: str | Path, *, n_train: int = 4000, n_eval: int = 300,
                        captions_per_image: int = 5, seed: int = 0, size: int = 64) -> dict[str, Path]:
     """Render the train and eval splits under ``root`` (``train/``, ``eval/``); returns their dirs.
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m vlscale.demo_data", description="render the demo shards")
     p.add_argument("out", help="output folder (gets train/ and eval/)")
-    p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

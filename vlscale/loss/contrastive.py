@@ -312,8 +312,8 @@ def contrastive_loss(
     check_scale(scale, image_emb.device)
     backend = get_backend(impl, image_emb.device)
     if _world_size(process_group) > 1:
-        # mix labels are GLOBAL indices there: the distributed module checks them across ranks.
-        check_values([("image_emb", image_emb), ("text_emb", text_emb)], [], scale)
+        # mix labels are GLOBAL indices there, and values are checked COLLECTIVELY by the
+        # distributed module: a local-only raise would leave the other ranks hanging.
         fn = _distributed("distributed_contrastive_loss")
         return fn(image_emb, text_emb, scale, mix=mix, backend=backend, process_group=process_group)
     mix_t = check_mix(mix, image_emb.shape[0], text_emb.shape[0], image_emb.device)
@@ -348,8 +348,8 @@ def info_nce(
     check_scale(scale, query.device)
     backend = get_backend(impl, query.device)
     if _world_size(process_group) > 1:
-        # labels are GLOBAL indices there (None = each query's global index): checked across ranks.
-        check_values(named, [], scale)
+        # labels are GLOBAL indices there (None = each query's global index) and values are checked
+        # collectively (a local-only raise would leave the other ranks hanging in a collective).
         fn = _distributed("distributed_info_nce")
         return fn(query, keys, scale, labels=labels, mix=mix, extra_keys=extra_keys, backend=backend,
                   process_group=process_group)
