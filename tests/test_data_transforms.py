@@ -121,3 +121,31 @@ def test_timm_data_config_drives_the_transform() -> None:
     tf = build_transform(train=False, data_config=cfg)
     assert tf.size == (48, 40) and tf.interpolation == "bilinear" and tf.mean == (0.5, 0.5, 0.5)
     assert tf(_photo(), random.Random(0)).shape == (48, 40, 3)
+
+
+def test_draft_decoding_of_large_jpegs_matches_full_decode() -> None:
+    """Reduced-scale JPEG decoding (train default) gives nearly the same crop as a full decode,
+    and really decodes fewer pixels; corrupt bytes still raise."""
+    from unittest import mock
+
+    from PIL import JpegImagePlugin
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    arr = np.stack([xx * 255 / 800, yy * 255 / 600, (xx + yy) * 255 / 1400], -1).astype(np.uint8)
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    fast = build_transform(train=True, image_size=96)
+    exact = build_transform(train=True, image_size=96, draft=False)
+    assert fast.draft and not exact.draft and not build_transform(train=False, image_size=96).draft
+    orig = JpegImagePlugin.JpegImageFile.draft
+    with mock.patch.object(JpegImagePlugin.JpegImageFile, "draft", autospec=True, side_effect=orig) as spy:
+        got = fast.decode_transform(data, random.Random(3)).astype(float)
+    assert spy.called  # 96 px from a ~570 px crop: decoded at 1/4 scale
+    want = exact.decode_transform(data, random.Random(3)).astype(float)
+    assert np.array_equal(want, exact(decode_image(data), random.Random(3)))  # same crop as the PIL path
+    assert np.abs(got - want).mean() < 2.0, np.abs(got - want).mean()
+    with pytest.raises(OSError):
+        fast.decode_transform(data[: len(data) // 3], random.Random(0))

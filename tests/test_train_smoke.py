@@ -130,3 +130,12 @@ def test_nonfinite_loss_skip_counts_and_leaves_weights(shards: dict[str, Path], 
             trainer._train_step(next(batches))
     finally:
         trainer.close()
+
+
+def test_warmup_cosine_schedule() -> None:
+    from vlscale.train.optim import lr_lambda
+
+    sched = [lr_lambda(s, warmup=4, total=14, min_ratio=0.1) for s in range(15)]
+    assert sched[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, the peak at step 4
+    assert sched[4] == pytest.approx(1.0) and sched[9] == pytest.approx(0.55) and sched[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(sched[4:], sched[5:]))  # then monotone cosine decay to the floor

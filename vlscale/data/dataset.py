@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vlscale.data.collate import Batch, EndOfStream, collate
 from vlscale.data.sampling import MIXED, BatchScheduler
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
-from vlscale.data.transforms import ImageTransform, decode_image
+from vlscale.data.transforms import ImageTransform
 
 _AUG_SALT = 0xA06
 
@@ -136,11 +136,10 @@ class ShardDataset(IterableDataset):
                 stats["empty_caption"] += 1
                 continue
             try:
-                img = decode_image(row["image"])
+                images.append(self.transform.decode_transform(row["image"], rng))
             except Exception:  # any decoder failure means corrupt bytes: skip and count
                 stats["unreadable_image"] += 1
                 continue
-            images.append(self.transform(img, rng))
             rows.append(row)
             if len(rows) == self.batch_size:
                 break

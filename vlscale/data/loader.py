@@ -120,13 +120,14 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  shuffle_buffer: int = 1024, drop_last: bool | None = None, max_length: int = 77,
                  on_error: str = "raise", pin_memory: bool | None = None, prefetch_factor: int = 2,
                  with_concepts: bool | None = None, scale: tuple[float, float] = (0.9, 1.0),
-                 hflip: float = 0.0) -> ShardLoader:
+                 hflip: float = 0.0, draft: bool | None = None) -> ShardLoader:
     """Build the loader over a shard folder or a list of shard files.
 
     ``train`` selects the random-resized-crop transform, shuffling and ``drop_last`` (each
     overridable). ``rank``/``world_size`` default to torch.distributed (or RANK/WORLD_SIZE).
     ``on_error="skip"`` skips unreadable shards / record batches and counts them instead of raising.
     ``pin_memory`` defaults to whether CUDA is available (checked here, not at import).
+    ``draft`` (reduced-scale JPEG decoding of large images) defaults to ``train``.
     """
     if rank is None or world_size is None:
         auto_rank, auto_world = default_rank_world()
@@ -135,7 +136,8 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
     index = ShardIndex(shards, on_error=on_error)
     for path, why in index.skipped.items():
         log.warning("skipping shard %s: %s", path, why)
-    transform = build_transform(train=train, image_size=image_size, data_config=data_config, scale=scale, hflip=hflip)
+    transform = build_transform(train=train, image_size=image_size, data_config=data_config, scale=scale,
+                                hflip=hflip, draft=draft)
     dataset = ShardDataset(
         index, batch_size=batch_size, transform=transform, tokenizer=tokenizer, max_length=max_length, rank=rank,
         world_size=world_size, seed=seed, shuffle=train if shuffle is None else shuffle,

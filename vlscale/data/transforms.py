@@ -45,6 +45,7 @@ class ImageTransform:
     hflip: float = 0.0
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    draft: bool = False  # JPEG DCT-domain downscaling when the crop is >= 2x the output (see decode_transform)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
@@ -53,7 +54,35 @@ class ImageTransform:
             raise ValueError(f"bad crop_pct {self.crop_pct} or scale {self.scale}")
 
     def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
-        box = self._random_box(img.width, img.height, rng) if self.train else self._center_box(img.width, img.height)
+        """Transform a decoded image."""
+        return self._finish(img, self._box(img.width, img.height, rng), rng)
+
+    def decode_transform(self, data: bytes, rng: random.Random) -> np.ndarray:
+        """Decode encoded bytes and transform them; raises on corrupt or truncated data.
+
+        The crop box depends only on the image size, known from the header, so with ``draft``
+        a JPEG whose crop is at least twice the output size is decoded by libjpeg at 1/2, 1/4
+        or 1/8 scale (never below the output resolution): far less decode and resize work on
+        large photos, a slightly different (DCT-domain) downscaling filter. Same RNG use as
+        ``__call__``, so the crop is the same either way.
+        """
+        img = Image.open(io.BytesIO(data))
+        box = self._box(img.width, img.height, rng)
+        if self.draft and img.format == "JPEG":
+            h, w = self.size
+            factor = min((box[2] - box[0]) / w, (box[3] - box[1]) / h)
+            if factor >= 2:
+                full = img.size
+                img.draft("RGB", (math.ceil(full[0] / factor), math.ceil(full[1] / factor)))
+                sx, sy = img.width / full[0], img.height / full[1]
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        img.load()  # truncated data raises here
+        return self._finish(img if img.mode == "RGB" else img.convert("RGB"), box, rng)
+
+    def _box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
+        return self._random_box(width, height, rng) if self.train else self._center_box(width, height)
+
+    def _finish(self, img: Image.Image, box: tuple[float, float, float, float], rng: random.Random) -> np.ndarray:
         h, w = self.size
         out = img.resize((w, h), _RESAMPLE[self.interpolation], box=box)
         if self.train and self.hflip > 0 and rng.random() < self.hflip:
@@ -101,9 +130,11 @@ class ImageTransform:
 
 def build_transform(*, train: bool, image_size: int | tuple[int, int] | None = 224,
                     data_config: Mapping | None = None, scale: tuple[float, float] = (0.9, 1.0),
-                    hflip: float = 0.0) -> ImageTransform:
+                    hflip: float = 0.0, draft: bool | None = None) -> ImageTransform:
     """Transform from a timm data config (``input_size``, ``mean``, ``std``, ``interpolation``,
-    ``crop_pct``, as returned by ``timm.data.resolve_data_config``) or a plain ``image_size``."""
+    ``crop_pct``, as returned by ``timm.data.resolve_data_config``) or a plain ``image_size``.
+    ``draft`` (JPEG reduced-scale decoding) defaults to on for training and off for evaluation,
+    where pixels should match timm's reference preprocessing."""
     cfg = dict(data_config or {})
     if "input_size" in cfg:
         _, h, w = cfg["input_size"]
@@ -114,4 +145,5 @@ def build_transform(*, train: bool, image_size: int | tuple[int, int] | None = 2
     interpolation = cfg.get("interpolation") or "bicubic"
     return ImageTransform(size=(int(h), int(w)), train=train, interpolation=str(interpolation),
                           crop_pct=float(cfg.get("crop_pct") or 0.875), scale=tuple(scale), hflip=hflip,
-                          mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)))
+                          mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)),
+                          draft=train if draft is None else draft)
