@@ -5,6 +5,7 @@ One process, local engine, the tiny-cpu model shrunk further; a handful of steps
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -138,4 +139,4 @@ def test_warmup_cosine_schedule() -> None:
     sched = [lr_lambda(s, warmup=4, total=14, min_ratio=0.1) for s in range(15)]
     assert sched[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, the peak at step 4
     assert sched[4] == pytest.approx(1.0) and sched[9] == pytest.approx(0.55) and sched[14] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(sched[4:], sched[5:]))  # then monotone cosine decay to the floor
+    assert all(a >= b for a, b in itertools.pairwise(sched[4:]))  # then monotone cosine decay to the floor
