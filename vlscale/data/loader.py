@@ -6,6 +6,11 @@ advances. Its state is, per logical worker, the stream positions after the last 
 training loop actually received (batches still in the prefetch queue are not counted), plus the
 worker the round-robin visits next — enough to resume with exactly the batches an uninterrupted
 run would have produced, in the same order. ``stats`` sums the workers' skip counts.
+
+RNG isolation: a DataLoader iterator draws its workers' base seed from ``generator`` (the global
+torch RNG when none is given), so creating one would shift the trainer's dropout / mixup draws
+after a resume. Each pass gets its own generator seeded from (seed, epoch, rank): iterating the
+loader never reads or advances the global torch RNG.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -25,6 +31,13 @@ from vlscale.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+_LOADER_SALT = 0xD17A  # keeps the workers' base seed apart from the shuffle / augmentation seeds
+
+
+def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The private CPU generator of one pass: a pure function of (seed, epoch, rank)."""
+    (state,) = np.random.SeedSequence([seed, epoch, rank, _LOADER_SALT]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state) >> 1)  # 63 bits: manual_seed takes any int64
 
 
 class ShardLoader:
@@ -76,8 +89,10 @@ class ShardLoader:
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": seed_worker_threads}
+        # Own generator: the DataLoader iterator draws its base seed from it, not the global RNG.
+        gen = loader_generator(self.dataset.seed, self.epoch, self.dataset.rank)
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                        pin_memory=self.pin_memory, **kwargs)
+                        pin_memory=self.pin_memory, generator=gen, **kwargs)
         for batch in dl:
             self._worker_states[batch.worker] = batch.state
             self._live_stats[batch.worker] = batch.stats

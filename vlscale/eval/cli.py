@@ -7,14 +7,38 @@ Loads the checkpoint's resolved config and its consolidated weights (``model.pt`
 or process group needed, any engine's checkpoint works), embeds every image once and every
 caption, and prints Recall@K both ways (several captions per image; computed in chunks, never the
 full N×N matrix) with the peak memory of the run. ``--out`` also writes them as JSON.
+
+Zero-shot classification of the same held-out images, from the same embeddings:
+
+    vlscale eval runs/demo --classes objects.txt --labels-from column:concepts
+
+``--classes`` is a text file (one class name a line; blank lines and ``#`` comments skipped) or
+JSON ``{"classes": [...], "templates": [...]}`` (templates hold ``{}``; default: CLIP-style
+"a photo of a {}." …). ``--labels-from`` says where each image's true class comes from:
+
+* ``caption`` — the class its captions name (whole words, case-insensitive; where names nest,
+  "red circle" beats "circle"); images whose captions name no class or several are skipped and
+  counted (``unlabelled`` / ``ambiguous``);
+* ``key`` — the key's first path component (``"tabby cat/000123"``; ``_`` reads as a space);
+* ``column:NAME`` — a shard column: a class name, a class index, or a list (its first entry that
+  is a class name).
+
+For the demo's shards (two objects a scene, captions naming both): list the 18 objects ("red
+circle" … "white triangle") and use ``--labels-from column:concepts``: the label is the scene's
+first object (the upper / left one), so top-1 is capped near 50 % even for a perfect model —
+top-5 says more. The metrics (top-1 / top-5 accuracy, chance level, skips) are printed after
+retrieval and saved under ``"zeroshot"`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="rows per embedding batch (default: eval.batch_size)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--classes", default=None,
+                   help="also zero-shot classification: a text file (one class a line) or JSON "
+                        '{"classes": [...], "templates": [...]}')
+    p.add_argument("--labels-from", default="caption",
+                   help="each image's true class: caption | key | column:NAME (default caption; "
+                        "demo shards: column:concepts)")
     return p
 
 
@@ -63,12 +93,173 @@ def load_model(ckpt: Path, device: torch.device) -> tuple[Any, Any]:
     return cfg, model.to(device).eval()
 
 
+def load_classes(path: str | Path) -> tuple[list[str], tuple[str, ...]]:
+    """(class names, prompt templates) from a text file or a JSON file (see the module docstring)."""
+    from vlscale.eval import DEFAULT_TEMPLATES
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--classes {str(p)!r}: no such file")
+    text = p.read_text(encoding="utf-8")
+    templates: Sequence[str] = DEFAULT_TEMPLATES
+    if p.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--classes {p}: not valid JSON: {exc}") from exc
+        if isinstance(data, dict):
+            unknown = set(data) - {"classes", "templates"}
+            if unknown or "classes" not in data:
+                raise ValueError(f"--classes {p}: expected keys 'classes' (and 'templates'), got {sorted(data)}")
+            templates = data.get("templates") or DEFAULT_TEMPLATES
+            data = data["classes"]
+        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+            raise ValueError(f"--classes {p}: 'classes' must be a list of strings")
+        if not isinstance(templates, (list, tuple)) or not all(isinstance(t, str) for t in templates):
+            raise ValueError(f"--classes {p}: 'templates' must be a list of strings")
+        names = [c.strip() for c in data]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names or any(not n for n in names):
+        raise ValueError(f"--classes {p}: no class names (or an empty one)")
+    seen = Counter(_norm(n) for n in names)
+    dupes = sorted(n for n, c in seen.items() if c > 1)
+    if dupes:
+        raise ValueError(f"--classes {p}: duplicate class names {dupes}")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"--classes {p}: every template must contain '{{}}', got {bad}")
+    return names, tuple(templates)
+
+
+def parse_labels_from(spec: str) -> tuple[str, str | None]:
+    """``caption`` / ``key`` / ``column:NAME`` → (kind, column name)."""
+    if spec in ("caption", "key"):
+        return spec, None
+    if spec.startswith("column:") and spec[len("column:"):].strip():
+        return "column", spec[len("column:"):].strip()
+    raise ValueError(f"--labels-from must be caption, key or column:NAME, got {spec!r}")
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+class RecordingLoader:
+    """Passes batches through and keeps each row's (key, caption), in order: image ``i`` of
+    ``embed_dataset(group_by="key")`` is the ``i``-th distinct key seen."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+        self.rows: list[tuple[str, str]] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.rows.extend(zip(batch.keys, batch.captions))
+            yield batch
+
+    def images(self, n_images: int) -> list[tuple[str, list[str]]]:
+        """(key, its captions) of the first ``n_images`` distinct keys."""
+        by_key: dict[str, list[str]] = {}
+        for key, caption in self.rows:
+            if key in by_key or len(by_key) < n_images:
+                by_key.setdefault(key, []).append(caption)
+        return list(by_key.items())
+
+
+def _caption_classes(caption: str, patterns: list[re.Pattern[str]]) -> set[int]:
+    """Classes a caption names; a match inside a longer one ("circle" in "red circle") does not count."""
+    spans = [(m.start(), m.end(), c) for c, pat in enumerate(patterns) for m in pat.finditer(caption)]
+    return {c for a, b, c in spans
+            if not any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans)}
+
+
+def _column_values(shards: str, column: str, keys: set[str]) -> dict[str, Any]:
+    """The first value of ``column`` for each of ``keys``, read straight from the Arrow shards."""
+    from vlscale.data.stream import list_shards, open_shard
+
+    out: dict[str, Any] = {}
+    for path in list_shards(shards):
+        reader = open_shard(path)
+        if column not in reader.schema.names:
+            raise ValueError(f"--labels-from column:{column}: {path} has no such column "
+                             f"(columns: {reader.schema.names})")
+        table = reader.read_all().select(["key", column])
+        for key, value in zip(table.column("key").to_pylist(), table.column(column).to_pylist()):
+            if key in keys:
+                out.setdefault(key, value)
+    return out
+
+
+def _value_class(value: Any, index: dict[str, int], n_classes: int) -> int | None:
+    if isinstance(value, str):
+        return index.get(_norm(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < n_classes else None
+    if isinstance(value, (list, tuple)):
+        return next((index[_norm(v)] for v in value if isinstance(v, str) and _norm(v) in index), None)
+    return None
+
+
+def read_labels(images: list[tuple[str, list[str]]], classes: Sequence[str], labels_from: str,
+                shards: str | None = None) -> tuple[list[int | None], Counter]:
+    """Each image's class index (None = skipped) and the skip counts by reason."""
+    kind, column = parse_labels_from(labels_from)
+    index = {_norm(c): i for i, c in enumerate(classes)}
+    skipped: Counter = Counter()
+    labels: list[int | None] = []
+    if kind == "column":
+        values = _column_values(shards or "", column or "", {k for k, _ in images})
+    patterns = [re.compile(r"(?<!\w)" + r"[\s_]+".join(map(re.escape, _norm(c).split())) + r"(?!\w)",
+                           re.IGNORECASE) for c in classes]
+    for key, captions in images:
+        if kind == "caption":
+            found = set().union(*(_caption_classes(c, patterns) for c in captions))
+            label = next(iter(found)) if len(found) == 1 else None
+            if len(found) > 1:
+                skipped["ambiguous"] += 1
+                labels.append(None)
+                continue
+        elif kind == "key":
+            label = index.get(_norm(key.split("/", 1)[0]))
+        else:
+            label = _value_class(values.get(key), index, len(classes))
+        if label is None:
+            skipped["unlabelled"] += 1
+        labels.append(label)
+    return labels, skipped
+
+
+def zero_shot_metrics(model: Any, cfg: Any, image_emb: torch.Tensor, images: list[tuple[str, list[str]]],
+                      classes: Sequence[str], templates: Sequence[str], labels_from: str,
+                      shards: str) -> dict[str, Any]:
+    """Top-1 / top-5 zero-shot accuracy (percent) of the labelled images, with the skip counts."""
+    from vlscale.eval import build_classifier, zero_shot_classify
+
+    labels, skipped = read_labels(images, classes, labels_from, shards)
+    keep = [i for i, lab in enumerate(labels) if lab is not None]
+    if not keep:
+        raise ValueError(f"zero-shot: none of the {len(images)} held-out images got a class from "
+                         f"--labels-from {labels_from} ({dict(skipped)}); check it and the class names")
+    classifier = build_classifier(model, model.tokenizer, list(classes), templates,
+                                  context_length=cfg.model.context_length, batch_size=cfg.eval.batch_size)
+    res = zero_shot_classify(image_emb[keep], classifier, torch.tensor([labels[i] for i in keep]), ks=(1, 5))
+    out = {k: v for k, v in res.items() if k.startswith("top")}
+    return {**out, "n_images": len(keep), "n_classes": len(classes), "chance_top1": 100.0 / len(classes),
+            "labels_from": labels_from, "skipped": dict(skipped), "templates": list(templates)}
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, batch_size: int | None = None,
-                        max_batches: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """Retrieval metrics of a checkpoint (see the module docstring) plus timing and peak memory."""
-    from vlscale.train.evaluate import evaluate_retrieval
+                        max_batches: int | None = None, device: str | None = None,
+                        classes: str | None = None, labels_from: str = "caption") -> dict[str, Any]:
+    """Retrieval metrics of a checkpoint (see the module docstring) plus timing and peak memory;
+    with ``classes``, also zero-shot classification under ``"zeroshot"``."""
+    from vlscale.eval import embed_dataset, retrieval_metrics
+    from vlscale.train.evaluate import eval_loader
     from vlscale.train.metrics import memory_stats
 
+    class_names, templates = load_classes(classes) if classes else ([], ())
+    parse_labels_from(labels_from)  # fail before loading anything
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = resolve_checkpoint(checkpoint)
     cfg, model = load_model(ckpt, dev)
@@ -80,9 +271,16 @@ def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, ba
     if max_batches is not None:
         cfg.eval.max_batches = max_batches
     start = time.perf_counter()
-    metrics = evaluate_retrieval(model, cfg, model.tokenizer, model.data_config(), shards)
-    return {"checkpoint": str(ckpt), "shards": str(shards), "metrics": metrics,
-            "seconds": time.perf_counter() - start, "memory": memory_stats(dev)}
+    # One embedding pass serves both retrieval and zero-shot (as evaluate_retrieval, one process).
+    loader = RecordingLoader(eval_loader(cfg, str(shards), model.tokenizer, model.data_config()))
+    img, txt, t2i = embed_dataset(model, loader, group_by="key", max_batches=cfg.eval.max_batches or None)
+    metrics = retrieval_metrics(img, txt, t2i, ks=tuple(cfg.eval.ks), chunk=cfg.eval.chunk)
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "shards": str(shards), "metrics": metrics}
+    if class_names:
+        result["zeroshot"] = zero_shot_metrics(model, cfg, img, loader.images(img.shape[0]), class_names,
+                                               templates, labels_from, str(shards))
+        result["zeroshot"]["classes_file"] = str(classes)
+    return {**result, "seconds": time.perf_counter() - start, "memory": memory_stats(dev)}
 
 
 def format_metrics(result: dict[str, Any]) -> str:
@@ -94,6 +292,13 @@ def format_metrics(result: dict[str, Any]) -> str:
     for name, label in (("i2t", "image→text"), ("t2i", "text→image")):
         recalls = "  ".join(f"R@{k} {m[f'{name}_R@{k}']:6.2f}" for k in ks)
         lines.append(f"{label:<11} {recalls}  median rank {m[f'{name}_median_rank']:.0f}")
+    zs = result.get("zeroshot")
+    if zs:
+        skipped = sum(zs["skipped"].values())
+        accs = "  ".join(f"top-{k[3:]} {zs[k]:6.2f}" for k in sorted(zs) if k.startswith("top"))
+        lines.append(f"zero-shot   {accs}  ({zs['n_classes']} classes, chance top-1 {zs['chance_top1']:.2f}; "
+                     f"{zs['n_images']} images labelled from {zs['labels_from']}"
+                     + (f", {skipped} skipped {zs['skipped']}" if skipped else "") + ")")
     lines.append(f"rsum {m['rsum']:.1f}   ({result['seconds']:.1f} s, peak RSS "
                  f"{result['memory']['mem/peak_rss_mib']:.0f} MiB)")
     return "\n".join(lines)
@@ -103,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, shards=args.shards, batch_size=args.batch_size,
-                                     max_batches=args.max_batches, device=args.device)
+                                     max_batches=args.max_batches, device=args.device,
+                                     classes=args.classes, labels_from=args.labels_from)
     except ValueError as exc:
         print(f"vlscale eval: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,12 @@ the local embeddings equal to ``world_size ×`` the local share of d(global loss
 d(loss)/d(logit_scale); the engines *average* over ranks, which then gives exactly the
 single-process gradient of the global batch. (The distributed loss follows this convention.)
 
+Host-resident inputs: ``inputs`` may live on the host (ideally pinned) while the model is on a
+GPU; each chunk's rows are moved to ``engine.device`` right before its forward, in both passes,
+and the whole batch is never moved (see :mod:`.transfer`). The only O(B·D) device state of a
+step is then the cached embeddings (written chunk by chunk into one preallocated fp32 buffer per
+output, freed once the loss has been differentiated) and their cached gradients.
+
 BatchNorm: chunks are normalised with per-chunk statistics (ghost batch norm, warned about once);
 running statistics move once per step, in the no-grad pass only (see :mod:`.batchnorm`).
 """
@@ -30,7 +36,7 @@ import torch
 from torch import Tensor
 
 from vlscale.engines.base import EngineAdapter
-from vlscale.gradcache import batchnorm, rng
+from vlscale.gradcache import batchnorm, rng, transfer
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +99,25 @@ class GradCache:
         self.replay_rng = replay_rng
         self.global_keys = global_keys
         self._bn_warned = False
+        self._host_logged = False
 
     # -- public ------------------------------------------------------------------------------
     def step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
         """Accumulate the gradient of ``loss_fn`` over the whole batch into the engine."""
         towers = _split_inputs(inputs)
+        device = self.engine.device
+        self._log_placement(towers, device)
         if self.plain:
-            return self._plain_step(inputs, loss_fn)
-        chunks, embs = self._embed(towers)
+            return self._plain_step(inputs, loss_fn, device)
+        chunks, embs = self._embed(towers, device)
         loss, metrics, grads = _loss_and_grads(loss_fn, embs)
+        del embs  # the replay needs only the gradients: keep one O(B·D) set on the device
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads.values())
         if not finite:
             # Still back-propagate: an fp16 engine must see the overflow to skip the step and
             # lower its loss scale exactly as for a plain step.
             log.warning("gradcache: non-finite loss or embedding gradient (loss=%s)", float(loss))
-        self._replay(towers, chunks, grads)
+        self._replay(towers, chunks, grads, device)
         counts = {t: sum(c.tower == t for c in chunks) for t in towers}
         return StepResult(loss.detach(), metrics, counts, finite)
 
@@ -116,16 +126,24 @@ class GradCache:
         size = self.chunk_sizes.get(tower, self.chunk_size)
         return batch if size is None else size
 
-    @torch.no_grad()
-    def _embed(self, towers: dict[str, dict[str, Tensor]]) -> tuple[list[_Chunk], dict[str, Tensor]]:
-        with batchnorm.single_update(self._batchnorms()):
-            return self._embed_chunks(towers)
+    def _log_placement(self, towers: dict[str, dict[str, Tensor]], device: torch.device) -> None:
+        if self._host_logged:
+            return
+        note = transfer.describe({k: v for tin in towers.values() for k, v in tin.items()}, device)
+        if note is not None:
+            log.info(note)
+            self._host_logged = True
 
-    def _embed_chunks(self, towers: dict[str, dict[str, Tensor]]) -> tuple[list[_Chunk], dict[str, Tensor]]:
-        device = self.engine.device
+    @torch.no_grad()
+    def _embed(self, towers: dict[str, dict[str, Tensor]],
+               device: torch.device) -> tuple[list[_Chunk], dict[str, Tensor]]:
+        with batchnorm.single_update(self._batchnorms()):
+            return self._embed_chunks(towers, device)
+
+    def _embed_chunks(self, towers: dict[str, dict[str, Tensor]],
+                      device: torch.device) -> tuple[list[_Chunk], dict[str, Tensor]]:
         chunks: list[_Chunk] = []
-        pieces: dict[str, list[Tensor]] = {}
-        rows: dict[str, int] = {}
+        buffers = _EmbedBuffers()
         glob: dict[str, Tensor] = {}
         for tower, tin in towers.items():
             batch = tin[_PRIMARY[tower]].shape[0]
@@ -133,35 +151,35 @@ class GradCache:
             for start in range(0, batch, size):
                 stop = min(start + size, batch)
                 state = rng.capture(device)
-                out = self.engine.forward(**{k: v[start:stop] for k, v in tin.items()})
+                out = self.engine.forward(**transfer.chunk_to(tin, start, stop, device))
                 offsets: dict[str, int] = {}
                 for key, value in out.items():
                     if key in self.global_keys:
                         glob.setdefault(key, value.detach().float())
                         continue
                     _check_rows(key, value, stop - start)
-                    offsets[key] = rows.get(key, 0)
-                    rows[key] = offsets[key] + (stop - start)
-                    pieces.setdefault(key, []).append(value.detach().float())
+                    offsets[key] = buffers.write(key, tower, batch, start, value.detach())
+                del out  # this chunk's outputs now live in the buffers only
                 chunks.append(_Chunk(tower, start, stop, state, offsets))
-        embs = {k: torch.cat(v) for k, v in pieces.items()}
+        embs = buffers.finish()
         embs.update(glob)
         return chunks, embs
 
     # -- pass 3: re-forward and back-propagate the surrogate ----------------------------------
-    def _replay(self, towers: dict[str, dict[str, Tensor]], chunks: list[_Chunk], grads: dict[str, Tensor]) -> None:
+    def _replay(self, towers: dict[str, dict[str, Tensor]], chunks: list[_Chunk], grads: dict[str, Tensor],
+                device: torch.device) -> None:
         last = len(chunks) - 1
-        with batchnorm.frozen(self._batchnorms()), self.engine.accumulate(), rng.preserved(self.engine.device):
+        with batchnorm.frozen(self._batchnorms()), self.engine.accumulate(), rng.preserved(device):
             for i, chunk in enumerate(chunks):
                 boundary = i == last
                 with self.engine.micro_step(boundary=boundary):
                     if self.replay_rng:
                         rng.restore(chunk.state)
-                    tin = towers[chunk.tower]
-                    out = self.engine.forward(**{k: v[chunk.start : chunk.stop] for k, v in tin.items()})
+                    tin = transfer.chunk_to(towers[chunk.tower], chunk.start, chunk.stop, device)
+                    out = self.engine.forward(**tin)
                     surrogate = self._surrogate(out, grads, chunk, boundary)
                     self.engine.backward(surrogate, boundary=boundary)
-                    del out, surrogate  # free this chunk's graph before the next forward
+                    del out, surrogate, tin  # free this chunk's graph and inputs before the next one
 
     def _surrogate(self, out: dict[str, Tensor], grads: dict[str, Tensor], chunk: _Chunk, last: bool) -> Tensor:
         """⟨outputs, cached gradient⟩ for this chunk; the global keys join on the last chunk only."""
@@ -183,10 +201,13 @@ class GradCache:
         return torch.stack(terms).sum()
 
     # -- reference path ----------------------------------------------------------------------
-    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
-        """One forward over the whole batch with a graph, one backward: the exact reference."""
+    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn, device: torch.device) -> StepResult:
+        """One forward over the whole batch with a graph, one backward: the exact reference.
+        (Host-resident inputs are moved whole here: this path holds the whole batch by design.)"""
+        moved = {k: v if v is None or transfer.on_device(v, device) else transfer.move(v, device)
+                 for k, v in inputs.items()}
         with self.engine.micro_step(boundary=True):
-            out = self.engine.forward(**inputs)
+            out = self.engine.forward(**moved)
             embs = {k: v.float() for k, v in out.items()}
             loss, metrics = loss_fn(embs)
             _check_loss(loss)
@@ -204,6 +225,38 @@ class GradCache:
                 "the mean of the chunks' statistics", len(layers))
             self._bn_warned = True
         return layers
+
+
+class _EmbedBuffers:
+    """The no-grad pass's outputs, written chunk by chunk into one preallocated fp32 buffer per
+    (output, tower) — no list of pieces plus a concatenated copy (which would double the peak)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[tuple[str, Tensor, list[int]]]] = {}  # key -> [(tower, buf, [filled])]
+
+    def write(self, key: str, tower: str, batch: int, start: int, value: Tensor) -> int:
+        """Store ``value`` at rows ``start:`` of ``tower``'s buffer; returns its row in the final tensor."""
+        parts = self.parts.setdefault(key, [])
+        if not parts or parts[-1][0] != tower:  # towers run one after the other: a new tower starts
+            parts.append((tower, value.new_empty((batch, *value.shape[1:]), dtype=torch.float32), [0]))
+        _, buf, filled = parts[-1]
+        if value.shape[1:] != buf.shape[1:]:
+            raise ValueError(f"gradcache: output {key!r} changes shape between chunks: "
+                             f"{tuple(value.shape[1:])} vs {tuple(buf.shape[1:])}")
+        buf[start : start + value.shape[0]].copy_(value)
+        filled[0] += value.shape[0]
+        return sum(b.shape[0] for _, b, _ in parts[:-1]) + start
+
+    def finish(self) -> dict[str, Tensor]:
+        out = {}
+        for key, parts in self.parts.items():
+            for tower, buf, filled in parts:
+                if filled[0] != buf.shape[0]:
+                    raise ValueError(f"gradcache: output {key!r} came from only some chunks of the {tower} "
+                                     f"tower ({filled[0]} of {buf.shape[0]} rows)")
+            # one tower per output (the model contract): the buffer itself, no copy
+            out[key] = parts[0][1] if len(parts) == 1 else torch.cat([b for _, b, _ in parts])
+        return out
 
 
 def _split_inputs(inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:

@@ -5,7 +5,7 @@ Build order (each step needs the previous one):
 
 1. runtime: torch.distributed + device; the model seed is the same on every rank (identical
    initial replicas), the step seed differs per rank (dropout, mixup);
-2. model (single-device code) → AdamW with weight-decay exclusions → cosine schedule → engine
+2. model (single-device code; under ZeRO-3 built partitioned, :mod:`vlscale.train.build`) → AdamW with weight-decay exclusions → cosine schedule → engine
    (DeepSpeed / FSDP2 / local), which wraps them from outside;
 3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
 4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint.
@@ -31,8 +31,8 @@ from vlscale.config import Config, save_config
 from vlscale.data import build_loader
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
-from vlscale.model import DualEncoder
 from vlscale.train import checkpoint as ckpt
+from vlscale.train.build import build_model, full_shapes
 from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
@@ -58,8 +58,10 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.micro, _, self.global_batch = resolve_batch(cfg.train, self.rt.world_size)
         resume_from = ckpt.resolve_resume(resume, self.ckpt_dir) if resume else None  # fail before building
+        self.ds_config = to_deepspeed_config(cfg, self.rt.world_size) if cfg.engine.kind == "deepspeed" else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = DualEncoder(cfg.model).to(self.rt.device)
+        # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build).
+        self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config)
         self.engine, self.optimizer, self.scheduler = self._build_engine()
         self.loader = self._build_loader()
         torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
@@ -93,10 +95,11 @@ class Trainer:
                                   process_group=self.rt.process_group, param_dtype=half)
             engine.lr_scheduler = build_scheduler(engine.optimizer, **sched_kwargs)
             return engine, engine.optimizer, engine.lr_scheduler
-        optimizer = build_adamw(self.model, **opt_kwargs)
+        with full_shapes(self.model):  # ZeRO-3 placeholders: the decay split needs the real ndim
+            optimizer = build_adamw(self.model, **opt_kwargs)
         scheduler = build_scheduler(optimizer, **sched_kwargs)
         if kind == "deepspeed":
-            ds_config = to_deepspeed_config(cfg, self.rt.world_size)
+            ds_config = self.ds_config
             if self.rt.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))

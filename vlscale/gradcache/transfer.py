@@ -1,0 +1,53 @@
+"""Move one chunk of a (possibly host-resident) batch to the engine's device, right before its forward.
+
+At scale one rank's local batch does not fit on the GPU (1,048,576 pairs over 8 ranks is ~79 GB
+of fp32 pixels per rank), so the gradient cache accepts inputs that live on the host and copies
+only the rows of the chunk about to run — once for the no-grad embedding pass, once for the
+re-forward. The whole batch is never moved. Pinned host memory is copied with
+``non_blocking=True`` (the copy is queued on the current stream, so it is ordered before the
+forward that reads it, and the host does not wait); pageable memory is copied synchronously.
+Inputs already on the engine's device are only sliced (views, no copy).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def on_device(t: Tensor, device: torch.device) -> bool:
+    """Whether ``t`` already lives on ``device`` (a CPU device with or without index is the CPU)."""
+    if t.device.type != device.type:
+        return False
+    return device.type == "cpu" or device.index is None or t.device.index == device.index
+
+
+def move(t: Tensor, device: torch.device) -> Tensor:
+    """Copy ``t`` to ``device``; asynchronous when ``t`` is in pinned host memory."""
+    pinned = t.device.type == "cpu" and device.type != "cpu" and t.is_pinned()
+    return t.to(device, non_blocking=pinned)
+
+
+def chunk_to(inputs: dict[str, Tensor], start: int, stop: int, device: torch.device) -> dict[str, Tensor]:
+    """Rows ``[start, stop)`` of every input, on ``device``: views when already there, else a
+    copy of those rows only (the slice is taken on the source device, then moved)."""
+    out = {}
+    for name, value in inputs.items():
+        rows = value[start:stop]
+        out[name] = rows if on_device(rows, device) else move(rows, device)
+    return out
+
+
+def describe(inputs: dict[str, Tensor], device: torch.device) -> str | None:
+    """A one-line note on host-resident inputs (None when every input is already on ``device``)."""
+    away = {k: v for k, v in inputs.items() if not on_device(v, device)}
+    if not away:
+        return None
+    pinned = all(v.device.type == "cpu" and device.type != "cpu" and v.is_pinned() for v in away.values())
+    where = sorted({str(v.device) for v in away.values()})
+    mode = "pinned, non_blocking copies" if pinned else "pageable, synchronous copies (pin them to overlap)"
+    return f"gradcache: inputs {sorted(away)} on {where}, moved to {device} one chunk at a time ({mode})"
