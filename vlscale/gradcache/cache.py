@@ -103,7 +103,10 @@ class GradCache:
 
     # -- public ------------------------------------------------------------------------------
     def step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
-        """Accumulate the gradient of ``loss_fn`` over the whole batch into the engine."""
+        """Accumulate the gradient of ``loss_fn`` over the whole batch into the engine.
+
+        ``inputs`` may be on the engine's device or on the host (pin them for asynchronous
+        copies): only the chunk about to run is moved to ``engine.device``."""
         towers = _split_inputs(inputs)
         device = self.engine.device
         self._log_placement(towers, device)
