@@ -18,8 +18,10 @@ under DeepSpeed instead (the model code itself stays DeepSpeed-free):
   load as usual; the cost is one whole vision tower on a rank during construction (ViT-bigG, 1.8 B
   parameters, is 7.4 GB in fp32), while the text tower — the one that grows past a device — never is.
 
-The optimizer must then be built on placeholders: :func:`full_shapes` lets shape-based code (the
-weight-decay split reads ``p.ndim``) see the real shapes of partitioned parameters.
+On CPU with several ranks the model is built whole instead (see ``build_model``: a DeepSpeed
+shm-comm hang under the launcher). The optimizer is built on the partitioned placeholders:
+:func:`full_shapes` lets shape-based code (the weight-decay split reads ``p.ndim``) see the real
+shapes of partitioned parameters.
 """
 
 from __future__ import annotations
@@ -52,8 +54,24 @@ def build_model(cfg: Config, device: torch.device, *, ds_config: dict[str, Any] 
     ``ds_config`` is the run's DeepSpeed config (``to_deepspeed_config``); it only matters when
     ``cfg.engine.kind == "deepspeed"`` and its stage is 3. Seed the RNG before calling."""
     if cfg.engine.kind == "deepspeed" and zero_stage_of(ds_config) == 3:
-        return build_zero3(cfg, ds_config)  # type: ignore[arg-type]
+        if _cpu_multi_rank():
+            # Known hang: under the deepspeed launcher on CPU, initialising deepspeed.comm during
+            # construction (zero.Init does) left rank 1 stuck loading DeepSpeed's shm-comm op while
+            # rank 0 waited for its shared-memory buffer (1 process and mp.spawn'd ranks were fine).
+            # The whole build is partitioned by deepspeed.initialize instead, as before.
+            log.warning("ZeRO-3 on CPU with several ranks: building the model whole (DeepSpeed partitions "
+                        "it at initialize); construction-time partitioning is used on GPUs and on 1 rank")
+        else:
+            return build_zero3(cfg, ds_config)  # type: ignore[arg-type]
     return DualEncoder(cfg.model).to(device)
+
+
+def _cpu_multi_rank() -> bool:
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    return multi and get_accelerator().device_name() == "cpu"
 
 
 def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
@@ -69,7 +87,7 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
     # transformers reads the config through a weak reference: it is ZeRO-3-aware only while this
     # object lives. It is dropped after construction so later HF calls in the process (another
     # model, evaluation) are not silently partitioned.
-    hf_ds = HfDeepSpeedConfig(copy.deepcopy(ds_config))
+    hf_ds = HfDeepSpeedConfig(_init_config(ds_config))
     try:
         model = DualEncoder(cfg.model)
     finally:
@@ -79,12 +97,21 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
         log.warning("ZeRO-3 build: the text tower was not partitioned at creation; partitioning it now")
     # Everything not yet partitioned (vision tower, heads, logit_scale) is partitioned here, before
     # the optimizer or engine exist; rank 0's values are broadcast (every rank used the same seed).
-    deepspeed.zero.Init(module=model, config_dict_or_path=copy.deepcopy(ds_config))
+    deepspeed.zero.Init(module=model, config_dict_or_path=_init_config(ds_config))
     total = sum(int(p.ds_numel) for p in model.parameters())
     local = sum(int(p.ds_tensor.numel()) for p in model.parameters())
     log.info("ZeRO-3 build: %.2fM parameters, %.2fM held by this rank (text tower partitioned at creation: %s)",
              total / 1e6, local / 1e6, text_done)
     return model
+
+
+def _init_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The config zero.Init parses. It checks the batch arithmetic against deepspeed.comm's world
+    size, which reads 1 until ``deepspeed.initialize`` wraps the process group; partitioning does
+    not depend on it, so the global batch is left for DeepSpeed to derive (micro × GAS × world)."""
+    out = copy.deepcopy(ds_config)
+    out.pop("train_batch_size", None)
+    return out
 
 
 def is_partitioned(params: Iterable[nn.Parameter]) -> bool:
