@@ -24,9 +24,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import peak_extra_mib, time_ms  # noqa: E402  (sibling script; benchmarks/ is no package)
 
 
 def _ensure_vlscale_importable() -> None:
@@ -114,19 +114,6 @@ def provider_fn(name: str, d: int, overrides: dict | None = None) -> Callable | 
     raise ValueError(f"unknown provider {name!r}")
 
 
-def time_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Median milliseconds: ``do_bench`` on CUDA, wall clock otherwise."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=max(reps * 10, 100), return_mode="median"))
-    fn()  # warm-up (compilation, caches)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int) -> float:
@@ -189,12 +176,7 @@ def measure(name: str, b: int, d: int, args, device: torch.device, rate: float) 
         img, txt, t = make_inputs(b, d, dtype, device, seed=b + d)
         run = step_fn(fn, img, txt, t, args.mode)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            run()
-            torch.cuda.synchronize(device)
-            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            row["peak_extra_mib"] = peak_extra_mib(run, device)
         ms = time_ms(run, device, args.reps)
         flops = (8 if args.mode == "full" else 2) * b * b * d
         row.update(status="ok", ms=ms, tflops=flops / (ms * 1e-3) / 1e12,

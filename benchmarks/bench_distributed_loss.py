@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comm_model  # sibling script (benchmarks/ is not a package)
+import comm_model  # sibling scripts (benchmarks/ is not a package)
+from timing import peak_extra_mib, time_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,18 +97,6 @@ def openclip_local_step(img_loc, txt_loc, txt_others, scale, img_others):
     return (F.cross_entropy(logits_i.float(), labels) + F.cross_entropy(logits_t.float(), labels)) / 2
 
 
-def time_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=max(10 * reps, 100), return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def inputs(b: int, world: int, d: int, dtype: torch.dtype, device: torch.device):
@@ -140,12 +127,7 @@ def measure(provider: str, b: int, args, device: torch.device) -> dict:
             fn().backward()
 
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            run()
-            torch.cuda.synchronize(device)
-            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            row["peak_extra_mib"] = peak_extra_mib(run, device)
         ms = time_ms(run, device, args.reps)
         flops = 8 * (b // args.world) * b * args.dim
         row.update(status="ok", ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
