@@ -110,8 +110,12 @@ def ds_case(stage: int, rank: int, coalesce: bool | None = None, model_kw: dict 
     grad_err, grad_at = max_rel_err(grads, _present(ref))
     applied = engine.optimizer_step()
     torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9).step()
-    param_err, param_at = max_rel_err(_full_params(engine), {n: p.detach() for n, p in ref.named_parameters()})
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    param_err, param_at = max_rel_err(_full_params(engine), ref_params)
+    master = dict(engine.master_params())
+    assert list(master) == list(ref_params), "master_params must follow named_parameters order"
     return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
+            "master": _worst(max_rel_err(master, ref_params)[0]),
             "loss_err": _worst(abs(float(res.loss) - float(ref_loss))), "applied": applied,
             "coalescing": engine.coalescing}
 
@@ -183,6 +187,46 @@ def bf16_case(stage: int, rank: int) -> dict:
     return {"grad": _worst(max_rel_err(grads["cached"], grads["plain"])[0]), "n": len(grads["plain"])}
 
 
+def master_case(stage: int, dtype: str, rank: int) -> dict:
+    """``engine.master_params()`` under a half-precision engine is the optimizer's fp32 master,
+    whole: fp32, full shapes, identical on every rank, rounding to exactly the module's working
+    copy, yet finer than it (after a few steps of a small learning rate the masters hold bits the
+    half copy lacks). A frozen parameter comes back too (from the module)."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+    torch.manual_seed(0)
+    model = TinyDualEncoder(drop=0.0, drop_path=0.0)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    frozen = next(n for n in shapes if n.endswith("bias"))
+    model.get_parameter(frozen).requires_grad_(False)
+    half = torch.float16 if dtype == "fp16" else torch.bfloat16
+    engine = build_engine("deepspeed", model, ds_config=ds_config(stage, dtype=dtype),
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-3))
+    gc = GradCache(engine, chunk_size=None, chunk_sizes=SIZES)
+    for step in range(3):
+        gc.step(make_batch(LOCAL_BATCH, seed=10 + 7 * step + rank), clip_loss)
+        engine.optimizer_step()
+    import deepspeed
+
+    master = dict(engine.master_params())
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        working = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {n: m.tolist() for n, m in master.items()})
+    finer = sum(int((m != working[n].float()).sum()) for n, m in master.items() if n != frozen)
+    total = sum(m.numel() for n, m in master.items() if n != frozen)
+    return {
+        "names": list(master) == list(shapes),
+        "fp32": all(m.dtype == torch.float32 for m in master.values()),
+        "shapes": all(tuple(m.shape) == shapes[n] for n, m in master.items()),
+        "same_on_ranks": all(g == gathered[0] for g in gathered),
+        "rounds_to_working": all(torch.equal(m.to(half), working[n].to(half)) for n, m in master.items()),
+        "finer_fraction": finer / total,
+        "frozen_equal": torch.equal(master[frozen], working[frozen].float()),
+    }
+
+
 def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_path: str) -> None:
     _init(rank, world, port)
     results: dict[str, Any] = {}
@@ -197,6 +241,8 @@ def deepspeed_worker(rank: int, world: int, port: int, cases: list[list], out_pa
                 results[key] = fp16_overflow_case(rank)
             elif kind == "bf16":
                 results[key] = bf16_case(args[0], rank)
+            elif kind == "master":
+                results[key] = master_case(args[0], args[1], rank)
             results[key]["secs"] = round(time.perf_counter() - start, 2)
     except Exception:
         results["error"] = traceback.format_exc()
@@ -245,9 +291,12 @@ def fsdp_case(rank: int, kind: str) -> dict:
     engine.optimizer_step()
     torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9).step()
     params = {n: _full(p.detach()) for n, p in engine.module.named_parameters()}
-    param_err, param_at = max_rel_err(params, {n: p.detach() for n, p in ref.named_parameters()})
+    ref_params = {n: p.detach() for n, p in ref.named_parameters()}
+    param_err, param_at = max_rel_err(params, ref_params)
+    master = dict(engine.master_params())
+    assert list(master) == list(ref_params) and all(m.dtype == torch.float32 for m in master.values())
     return {"grad": _worst(grad_err), "grad_at": grad_at, "param": _worst(param_err), "param_at": param_at,
-            "n_grads": len(grads)}
+            "master": _worst(max_rel_err(master, ref_params)[0]), "n_grads": len(grads)}
 
 
 def fsdp_worker(rank: int, world: int, port: int, kinds: list[str], out_path: str) -> None:

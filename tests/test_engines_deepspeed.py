@@ -35,6 +35,7 @@ def _check_zero(results: dict, key: str, *, coalescing: bool) -> None:
     r = results[key]
     assert r["grad"] < TOL, f"{key}: grad rel err {r['grad']:.2e} at {r['grad_at']}"
     assert r["param"] < TOL, f"{key}: param rel err {r['param']:.2e} at {r['param_at']}"
+    assert r["master"] < TOL, f"{key}: master_params rel err {r['master']:.2e}"
     assert r["loss_err"] < 1e-6, f"{key}: loss differs by {r['loss_err']:.2e}"
     assert r["applied"] is True
     assert r["coalescing"] is coalescing, f"{key}: expected coalescing={coalescing}"
@@ -51,6 +52,9 @@ def test_deepspeed_single_process_all_stages(port: int, tmp_path: Path) -> None:
         ["fp16"],
         ["bf16", 0],
         ["bf16", 2],
+        ["master", 0, "fp16"],
+        ["master", 2, "bf16"],
+        ["master", 3, "bf16"],
     ]
     results = _run(1, port, cases, tmp_path)
     _check_zero(results, "zero-0-None-{}", coalescing=False)
@@ -74,6 +78,15 @@ def test_deepspeed_single_process_all_stages(port: int, tmp_path: Path) -> None:
     for key in ("bf16-0", "bf16-2"):
         assert results[key]["n"] > 0
         assert results[key]["grad"] < 5e-2, f"{key}: cached vs plain bf16 grads {results[key]['grad']:.2e}"
+    for key in ("master-0-fp16", "master-2-bf16", "master-3-bf16"):
+        _check_master(results[key], key)
+
+
+def _check_master(r: dict, key: str) -> None:
+    """engine.master_params() is the fp32 master, not the half working copy (see master_case)."""
+    for flag in ("names", "fp32", "shapes", "same_on_ranks", "rounds_to_working", "frozen_equal"):
+        assert r[flag] is True, f"{key}: master_params fails {flag}: {r}"
+    assert r["finer_fraction"] > 0.3, f"{key}: master equals the half copy almost everywhere: {r}"
 
 
 @pytest.mark.dist
@@ -84,9 +97,13 @@ def test_deepspeed_two_processes_zero2_zero3(port: int, tmp_path: Path) -> None:
         ["zero", 2, False, {}],
         ["zero", 3, None, CKPT_HIER],
         ["zero", 3, False, {}],
+        ["master", 2, "bf16"],
+        ["master", 3, "fp16"],
     ]
     results = _run(2, port, cases, tmp_path)
     _check_zero(results, "zero-2-None-{}", coalescing=True)
     _check_zero(results, "zero-2-False-{}", coalescing=False)
     _check_zero(results, f"zero-3-None-{CKPT_HIER}", coalescing=True)
     _check_zero(results, "zero-3-False-{}", coalescing=False)
+    _check_master(results["master-2-bf16"], "master-2-bf16")
+    _check_master(results["master-3-fp16"], "master-3-fp16")

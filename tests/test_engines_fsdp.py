@@ -35,3 +35,4 @@ def test_fsdp2_and_local_multirank_equal_big_batch_step(port: int, tmp_path: Pat
         assert r["n_grads"] > 0
         assert r["grad"] < TOL, f"{kind}: grad rel err {r['grad']:.2e} at {r['grad_at']}"
         assert r["param"] < TOL, f"{kind}: param rel err {r['param']:.2e} at {r['param_at']}"
+        assert r["master"] < TOL, f"{kind}: master_params rel err {r['master']:.2e}"

@@ -74,6 +74,18 @@ class EngineAdapter:
         """Context around all backward passes of one step (DeepSpeed coalesces reductions here)."""
         yield
 
+    def master_params(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, full fp32 value)`` of every parameter of :attr:`module`, in ``named_parameters`` order.
+
+        The value is the optimizer's fp32 *master* copy where the engine keeps one (DeepSpeed fp16 /
+        bf16, ZeRO partitions), gathered whole; never the half-precision working copy. Frozen
+        parameters (no master) come from the module, cast to fp32. Under ZeRO-3 and FSDP2 this is a
+        collective: every rank must consume the whole iterator, in the same order. The tensors are
+        read-only views or fresh copies on the engine's device: never modify them.
+        """
+        for name, p in self.module.named_parameters():
+            yield name, p.detach().float()
+
     @property
     def loss_scale(self) -> float | None:
         """The current dynamic fp16 loss scale, or None when the engine does not scale."""

@@ -142,6 +142,52 @@ class DeepSpeedEngine(EngineAdapter):
             opt.zero_grad()
         self.raw.zero_grad()
 
+    def master_params(self) -> Iterator[tuple[str, Tensor]]:
+        """The fp32 masters, whole: ZeRO 1–3 and the bf16 optimizer through DeepSpeed's own
+        ``safe_get_full_fp32_param`` (a collective per parameter); fp16 at ZeRO-0 from the
+        FP16_Optimizer's fp32 groups; frozen parameters (no master) from the module, gathered under
+        ZeRO-3. See :meth:`EngineAdapter.master_params`."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        fp16_masters = self._fp16_stage0_masters()
+        for name, p in self.module.named_parameters():
+            if id(p) in fp16_masters:
+                yield name, fp16_masters[id(p)]
+                continue
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is not None:
+                yield name, full.detach()
+            elif hasattr(p, "ds_id"):  # ZeRO-3 partitioned, no master (frozen): gather the module copy
+                with deepspeed.zero.GatheredParameters([p]):
+                    yield name, p.detach().float().clone()
+            else:
+                if p.requires_grad and p.dtype != torch.float32:
+                    raise RuntimeError(f"deepspeed: no fp32 master found for trainable parameter {name!r} "
+                                       f"({p.dtype}, optimizer {type(self.raw.optimizer).__name__})")
+                yield name, p.detach().float()
+
+    def _fp16_stage0_masters(self) -> dict[int, Tensor]:
+        """id(module param) → fp32 master for DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer
+        (ZeRO-0 with fp16), which keep their masters outside DeepSpeed's fragment mapping."""
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        opt = self.raw.optimizer
+        if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+            return {}
+        groups, out = opt.fp16_groups, {}
+        if isinstance(opt, FP16_Optimizer):  # fused: one flat fp32 buffer per group
+            for params, flat in zip(groups, opt.fp32_groups_flat):
+                offset = 0
+                for p in params:
+                    out[id(p)] = flat.detach()[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
+        else:  # unfused: one fp32 tensor per parameter
+            for params, masters in zip(groups, opt.fp32_groups):
+                out.update({id(p): m.detach() for p, m in zip(params, masters)})
+        return out
+
     @property
     def loss_scale(self) -> float | None:
         if self._half_dtype is not torch.float16:

@@ -15,7 +15,7 @@ post-backward of every parameter group that did not run in that backward.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -99,3 +99,10 @@ class FSDPEngine(EngineAdapter):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def master_params(self) -> Iterator[tuple[str, Tensor]]:
+        """FSDP2 keeps fp32 sharded parameters (``param_dtype`` only casts for compute): each one is
+        all-gathered in turn (a collective, see :meth:`EngineAdapter.master_params`)."""
+        for name, p in self.module.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            yield name, full.detach().float()
