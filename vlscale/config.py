@@ -69,20 +69,28 @@ class DataConfig:
         _check(self.image_size == 0 or self.image_size >= 8, "data.image_size",
                f"must be 0 (from the model) or >= 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
-        # lazy: reading a config does not import the data stack until a DataConfig is built
-        from vlscale.data.collate import check_text_mask
-        from vlscale.data.transforms import check_crop_scale, parse_auto_augment
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [n for n in ("crop_scale", "auto_augment", "text_mask_prob", "text_mask_split")
+                   if getattr(self, n) != defaults[n]]
+        if changed:  # checked by the data stack's own validators, imported only when needed (no torch otherwise)
+            _check_augmentation(self, changed)
 
-        for name, check in (("crop_scale", lambda: check_crop_scale(self.crop_scale)),
-                            ("auto_augment", lambda: parse_auto_augment(self.auto_augment)),
-                            ("text_mask_prob", lambda: check_text_mask(self.text_mask_prob, (1, 0, 0))),
-                            ("text_mask_split", lambda: check_text_mask(0.0, self.text_mask_split))):
-            try:
-                check()
-            except ValueError as e:
-                raise ValueError(f"config: data.{name}: {e}") from None
-        _check(self.augment or not parse_auto_augment(self.auto_augment), "data.auto_augment",
-               f"is {self.auto_augment!r}, which needs data.augment=true (augment=false turns image augmentation off)")
+
+def _check_augmentation(data: DataConfig, changed: list[str]) -> None:
+    from vlscale.data.collate import check_text_mask
+    from vlscale.data.transforms import check_crop_scale, parse_auto_augment
+
+    checks = {"crop_scale": lambda: check_crop_scale(data.crop_scale),
+              "auto_augment": lambda: parse_auto_augment(data.auto_augment),
+              "text_mask_prob": lambda: check_text_mask(data.text_mask_prob, (1, 0, 0)),
+              "text_mask_split": lambda: check_text_mask(0.0, data.text_mask_split)}
+    for name in changed:
+        try:
+            checks[name]()
+        except ValueError as e:
+            raise ValueError(f"config: data.{name}: {e}") from None
+    _check(data.augment or not parse_auto_augment(data.auto_augment), "data.auto_augment",
+           f"is {data.auto_augment!r}, which needs data.augment=true (augment=false turns image augmentation off)")
 
 
 @dataclass
