@@ -129,7 +129,7 @@ def collate(images: list[np.ndarray], rows: list[dict], *, tokenizer: Callable |
         if image_size is None:
             raise ValueError("an empty batch needs image_size")
         ids = None if tokenizer is None else torch.zeros((0, max_length), dtype=torch.long)
-        return Batch(pixels=torch.zeros((0, 3, *image_size)), tokens=ids, attention_mask=None if ids is None else ids,
+        return Batch(pixels=torch.zeros((0, 3, *image_size)), tokens=ids, attention_mask=None if ids is None else ids.clone(),
                      source=[], keys=[], captions=[], concepts=[] if with_concepts else None)
     chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     pixels = torch.empty(chw.shape, dtype=torch.float32)

@@ -110,8 +110,10 @@ class ImageTransform:
         check_crop_scale(self.scale)
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
-        if parse_auto_augment(self.auto_augment) is not None and not self.train:
-            raise ValueError(f"auto_augment={self.auto_augment!r} is a train-time augmentation (train=False here)")
+        if parse_auto_augment(self.auto_augment) is not None:
+            if not self.train:
+                raise ValueError(f"auto_augment={self.auto_augment!r} is a train-time augmentation (train=False here)")
+            _auto_augment_op(self.auto_augment)  # import torchvision here, once, not in every forked worker
 
     def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
         """Transform a decoded image."""
