@@ -139,7 +139,7 @@ class ShardDataset(IterableDataset):
             schedule = self.schedule()
             ranges = schedule.worker_rows(self.rank, worker, self.num_workers)
             streams = {n: self._stream(s, order, ranges[n], g) for n, (s, order, _) in orders.items()}
-            steps = ((t, schedule.source(t), schedule.rows(t, self.rank), (self.rank, t, _STEP_KEY))
+            steps = ((schedule.source(t), schedule.rows(t, self.rank), (self.rank, t, _STEP_KEY))
                      for t in range(worker + k * self.num_workers, len(schedule), self.num_workers))
             unassigned = 0
         else:
@@ -149,7 +149,7 @@ class ShardDataset(IterableDataset):
             streams = {MIXED: self._stream(s, order, [(lo, quota_hi)], g)}
             unassigned = hi - quota_hi  # rows beyond the equal per-worker quota (drop_last)
             steps = self._mixed_steps(streams[MIXED], positions, g, k)
-        for _t, name, need, position in steps:
+        for name, need, position in steps:
             rng = batch_rng(self.seed, self.epoch, *position)
             images, rows, positions[name] = self._fill(streams[name], positions.get(name, 0), rng, stats, need)
             k += 1
@@ -172,10 +172,11 @@ class ShardDataset(IterableDataset):
                           stats=dict(stats))
 
     def _mixed_steps(self, stream: RowStream, positions: dict[str, int], g: int,
-                     k: int) -> Iterator[tuple[int, str, int, tuple[int, ...]]]:
-        """Mixed mode: batches while the stream has rows (a full batch's worth with drop_last)."""
+                     k: int) -> Iterator[tuple[str, int, tuple[int, ...]]]:
+        """Mixed mode: (stream, rows wanted, batch position) while the stream has rows (a full
+        batch's worth with drop_last)."""
         while stream.num_rows - positions.get(MIXED, 0) >= (self.batch_size if self.drop_last else 1):
-            yield k, MIXED, self.batch_size, (g, k)
+            yield MIXED, self.batch_size, (g, k)
             k += 1
 
     def _collate(self, images: list[np.ndarray], rows: list[dict], position: tuple[int, ...]) -> Batch:
