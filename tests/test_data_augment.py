@@ -31,16 +31,8 @@ def _minilm():
     return AutoTokenizer.from_pretrained(str(gt.get_model_path()))
 
 
-def test_zerovl_crop_scale_matches_torchvision() -> None:
-    tf = build_transform(train=True, image_size=16, scale=(0.6, 1.0))
-    rng = random.Random(0)
-    ours = [(b[2] - b[0]) * (b[3] - b[1]) / (200 * 150) for b in (tf._random_box(200, 150, rng) for _ in range(3000))]
-    torch.manual_seed(0)
-    img = torch.zeros(1, 150, 200)
-    theirs = [h * w / (200 * 150) for _, _, h, w in (T.RandomResizedCrop.get_params(img, (0.6, 1.0), (3 / 4, 4 / 3))
-                                                     for _ in range(3000))]
-    assert min(ours) > 0.58 and abs(np.mean(ours) - np.mean(theirs)) < 0.01, (np.mean(ours), np.mean(theirs))
-    assert abs(np.std(ours) - np.std(theirs)) < 0.01
+def test_crop_scale_default_and_bad_values() -> None:
+    """ZeroVL's 0.6-1 crop statistics are checked against torchvision in test_data_transforms."""
     assert build_transform(train=True, image_size=16).scale == (0.9, 1.0)  # today's default is kept
     with pytest.raises(ValueError, match="0 < lo <= hi <= 1"):
         build_transform(train=True, image_size=16, scale=(0.7, 0.6))
