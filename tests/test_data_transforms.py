@@ -58,15 +58,17 @@ def test_train_crop_is_seeded_and_full_crop_equals_plain_resize() -> None:
     assert np.array_equal(full(img, random.Random(0)), ref)
 
 
-def test_random_resized_crop_statistics_match_torchvision() -> None:
+@pytest.mark.parametrize("scale", [(0.3, 1.0), (0.6, 1.0)])  # 0.6-1: ZeroVL's data.crop_scale
+def test_random_resized_crop_statistics_match_torchvision(scale: tuple[float, float]) -> None:
     """Crop areas of our RandomResizedCrop box sampler match torchvision's get_params."""
-    tf = build_transform(train=True, image_size=16, scale=(0.3, 1.0))
+    tf = build_transform(train=True, image_size=16, scale=scale)
     rng = random.Random(0)
     ours = [(b[2] - b[0]) * (b[3] - b[1]) / (200 * 150) for b in (tf._random_box(200, 150, rng) for _ in range(2000))]
     torch.manual_seed(0)
     img = torch.zeros(1, 150, 200)
-    theirs = [h * w / (200 * 150) for _, _, h, w in (T.RandomResizedCrop.get_params(img, (0.3, 1.0), (3 / 4, 4 / 3))
+    theirs = [h * w / (200 * 150) for _, _, h, w in (T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3))
                                                      for _ in range(2000))]
+    assert min(ours) > scale[0] - 0.02, min(ours)
     assert abs(np.mean(ours) - np.mean(theirs)) < 0.02 and abs(np.std(ours) - np.std(theirs)) < 0.02
 
 

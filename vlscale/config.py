@@ -46,14 +46,51 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     augment: bool = True
-    """Random resized crops (area 0.9–1) at train time; never flips (captions say left / right)."""
+    """Train-time image augmentation: random resized crops (area ``crop_scale``) and ``auto_augment``;
+    false = a plain resize of the whole image. Never flips (captions say left / right)."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """RandomResizedCrop area range, fractions of the image (open_clip 0.9–1; ZeroVL 0.6–1)."""
+    auto_augment: str = ""
+    """torchvision policy applied after the crop at train time: '' (off), 'autoaugment' (ImageNet
+    policy, as ZeroVL), 'autoaugment-cifar10' / '-svhn', 'randaugment' (N=2, M=9) or
+    'randaugment-n<N>-m<M>'. Needs ``augment``."""
+    text_mask_prob: float = 0.0
+    """ZeroVL caption augmentation at train time: each caption token (special tokens excluded) is
+    picked with this probability (ZeroVL 0.2; 0 = off) and masked, replaced or deleted per
+    ``text_mask_split``; seeded per (seed, step, sample), so a resume replays it."""
+    text_mask_split: tuple[float, float, float] = (0.5, 0.1, 0.4)
+    """Fractions of the picked tokens that become the tokenizer's mask token / a random token /
+    are deleted (ZeroVL: 0.5, 0.1, 0.4). A mask fraction > 0 needs a tokenizer with a mask token."""
     debiased: bool = False
-    """ZeroVL debiased sampling: each batch from one source, drawn proportionally to its size."""
+    """ZeroVL debiased sampling: every global batch (all ranks at one step) from one source, the
+    source drawn with probability proportional to the rows it has left (docs/data.md)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size == 0 or self.image_size >= 8, "data.image_size",
                f"must be 0 (from the model) or >= 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [n for n in ("crop_scale", "auto_augment", "text_mask_prob", "text_mask_split")
+                   if getattr(self, n) != defaults[n]]
+        if changed:  # checked by the data stack's own validators, imported only when needed (no torch otherwise)
+            _check_augmentation(self, changed)
+
+
+def _check_augmentation(data: DataConfig, changed: list[str]) -> None:
+    from vlscale.data.collate import check_text_mask
+    from vlscale.data.transforms import check_crop_scale, parse_auto_augment
+
+    checks = {"crop_scale": lambda: check_crop_scale(data.crop_scale),
+              "auto_augment": lambda: parse_auto_augment(data.auto_augment),
+              "text_mask_prob": lambda: check_text_mask(data.text_mask_prob, (1, 0, 0)),
+              "text_mask_split": lambda: check_text_mask(0.0, data.text_mask_split)}
+    for name in changed:
+        try:
+            checks[name]()
+        except ValueError as e:
+            raise ValueError(f"config: data.{name}: {e}") from None
+    _check(data.augment or not parse_auto_augment(data.auto_augment), "data.auto_augment",
+           f"is {data.auto_augment!r}, which needs data.augment=true (augment=false turns image augmentation off)")
 
 
 @dataclass

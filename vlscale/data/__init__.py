@@ -5,24 +5,25 @@ Public API (the contract in docs/interfaces.md; details in docs/data.md)::
     from vlscale.data import ShardWriter, build_loader, Batch, SCHEMA_VERSION
 """
 
-from vlscale.data.collate import Batch, tokenize
+from vlscale.data.collate import Batch, CaptionMasker, tokenize
 from vlscale.data.dataset import ShardDataset
 from vlscale.data.loader import ShardLoader, build_loader
-from vlscale.data.sampling import BatchScheduler
+from vlscale.data.sampling import DebiasedSchedule
 from vlscale.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from vlscale.data.stream import ShardIndex
 from vlscale.data.synthetic import write_synthetic_shards
 from vlscale.data.transforms import ImageTransform, build_transform, decode_image
 from vlscale.data.writer import ShardWriter, WriteSummary
 
-DebiasedSampler = BatchScheduler  # name used in docs/interfaces.md
+DebiasedSampler = DebiasedSchedule  # name used in docs/interfaces.md
 
 __all__ = [
     "ARROW_SCHEMA",
     "SCHEMA_VERSION",
     "Batch",
-    "BatchScheduler",
+    "CaptionMasker",
     "DebiasedSampler",
+    "DebiasedSchedule",
     "ImageTransform",
     "ShardDataset",
     "ShardIndex",

@@ -1,4 +1,5 @@
-"""``Batch`` (what the training loop receives), caption tokenization, and the collate.
+"""``Batch`` (what the training loop receives), caption tokenization, the collate, and ZeroVL's
+caption token masking.
 
 The collate runs inside DataLoader workers: it stacks the uint8 images, normalises them as one
 float tensor, and tokenizes all captions in one tokenizer call.
@@ -6,6 +7,8 @@ float tensor, and tokenizes all captions in one tokenizer call.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -116,8 +119,18 @@ def tokenize(tokenizer: Callable | None, captions: list[str], max_length: int) -
 
 
 def collate(images: list[np.ndarray], rows: list[dict], *, tokenizer: Callable | None, max_length: int,
-            mean: Sequence[float], std: Sequence[float], with_concepts: bool) -> Batch:
-    """Stack uint8 HWC images into normalised float (B,3,H,W) and tokenize the captions."""
+            mean: Sequence[float], std: Sequence[float], with_concepts: bool,
+            image_size: tuple[int, int] | None = None) -> Batch:
+    """Stack uint8 HWC images into normalised float (B,3,H,W) and tokenize the captions.
+
+    An empty ``rows`` gives a 0-row batch of the right shapes (``image_size`` = (H, W)): a debiased
+    step keeps every rank in step even when a rank has no rows for it (see ``sampling.py``)."""
+    if not rows:
+        if image_size is None:
+            raise ValueError("an empty batch needs image_size")
+        ids = None if tokenizer is None else torch.zeros((0, max_length), dtype=torch.long)
+        return Batch(pixels=torch.zeros((0, 3, *image_size)), tokens=ids, attention_mask=None if ids is None else ids.clone(),
+                     source=[], keys=[], captions=[], concepts=[] if with_concepts else None)
     chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     pixels = torch.empty(chw.shape, dtype=torch.float32)
     pixels.copy_(chw)  # one pass: uint8 HWC -> float CHW (contiguous)
@@ -129,3 +142,95 @@ def collate(images: list[np.ndarray], rows: list[dict], *, tokenizer: Callable |
     concepts = [list(r.get("concepts") or []) for r in rows] if with_concepts else None
     return Batch(pixels=pixels, tokens=tokens, attention_mask=mask, source=[r["source"] for r in rows],
                  keys=[r["key"] for r in rows], captions=captions, concepts=concepts)
+
+
+# -- ZeroVL caption token masking ---------------------------------------------------------------
+ZEROVL_TEXT_MASK_SPLIT = (0.5, 0.1, 0.4)  # of the picked tokens: [MASK], random token, deleted
+
+
+def check_text_mask(prob: float, split: Sequence[float]) -> tuple[float, tuple[float, float, float]]:
+    """Validate ``(prob, split)``: prob in [0, 1), split = 3 non-negative fractions summing to 1."""
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"text_mask_prob must be in [0, 1) (ZeroVL uses 0.2; 0 = off), got {prob}")
+    split = tuple(float(x) for x in split)
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise ValueError(f"text_mask_split must be 3 fractions >= 0 summing to 1 (mask, random token, delete; "
+                         f"ZeroVL: {ZEROVL_TEXT_MASK_SPLIT}), got {split}")
+    return float(prob), split  # type: ignore[return-value]
+
+
+def sample_seeds(seed: int, epoch: int, position: Sequence[int], sources: Sequence[str],
+                 keys: Sequence[str]) -> list[int]:
+    """One 64-bit seed per sample from (seed, epoch, batch position, source, key): a resumed run
+    (which rebuilds the same batch at the same position) draws the same masks."""
+    head = f"{seed}/{epoch}/{'.'.join(str(int(p)) for p in position)}/"
+    return [int.from_bytes(hashlib.blake2b(f"{head}{src}\0{key}".encode(), digest_size=8).digest(), "little")
+            for src, key in zip(sources, keys)]
+
+
+class CaptionMasker:
+    """ZeroVL's text augmentation on token ids (their ``process_caption``): each content token
+    (not a special token such as [CLS] / [SEP] / [PAD]) is picked with probability ``prob``; a
+    picked token becomes the mask token, a random vocabulary token, or is deleted, in the
+    proportions ``split`` (ZeroVL: 0.2 and 50 / 10 / 40 %). Deleted tokens close up and the row
+    is re-padded. ZeroVL edits the tokens before truncation; here they are edited after it, so
+    a deletion shortens a truncated caption instead of pulling in a later word.
+    """
+
+    def __init__(self, prob: float, split: Sequence[float] = ZEROVL_TEXT_MASK_SPLIT, *, mask_id: int | None,
+                 vocab_size: int | None, special_ids: Sequence[int] = (), pad_id: int = 0) -> None:
+        self.prob, self.split = check_text_mask(prob, split)
+        if self.split[0] > 0 and mask_id is None:
+            raise ValueError("text_mask_prob > 0 needs a tokenizer with a mask token (this one has no mask_token_id, "
+                             "e.g. CLIP's BPE tokenizer); set text_mask_split to [0, r, d] to only replace / delete")
+        if self.split[1] > 0 and not vocab_size:
+            raise ValueError("random-token replacement (text_mask_split[1] > 0) needs the tokenizer's vocabulary size")
+        self.mask_id, self.vocab_size, self.pad_id = mask_id, int(vocab_size or 0), int(pad_id)
+        self.special = frozenset(int(i) for i in special_ids)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: object, prob: float,
+                       split: Sequence[float] = ZEROVL_TEXT_MASK_SPLIT) -> CaptionMasker:
+        """Read the mask / pad / special ids and the vocabulary size from a Hugging Face tokenizer
+        (or any object with ``mask_token_id``, ``vocab_size``, ``all_special_ids``, ``pad_token_id``)."""
+        if tokenizer is None:
+            raise ValueError("text_mask_prob > 0 needs a tokenizer (the loader was built without one)")
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+        return cls(prob, split, mask_id=getattr(tokenizer, "mask_token_id", None), vocab_size=vocab,
+                   special_ids=getattr(tokenizer, "all_special_ids", ()) or (),
+                   pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked copies of ``ids`` (B, L) and ``attention_mask``; row i draws from ``seeds[i]``."""
+        if ids.shape[0] != len(seeds):
+            raise ValueError(f"{ids.shape[0]} token rows but {len(seeds)} seeds")
+        mask = (ids != self.pad_id).long() if attention_mask is None else attention_mask
+        out_ids, out_mask = ids.clone(), mask.clone()
+        p_mask, p_random = self.split[0], self.split[0] + self.split[1]
+        for i, (row, valid) in enumerate(zip(ids.tolist(), mask.tolist())):
+            rng = random.Random(seeds[i])
+            kept: list[int] = []
+            for tok, v in zip(row, valid):
+                if not v:
+                    continue
+                if tok in self.special or rng.random() >= self.prob:
+                    kept.append(tok)
+                    continue
+                u = rng.random()
+                if u < p_mask:
+                    kept.append(int(self.mask_id))  # type: ignore[arg-type]
+                elif u < p_random:
+                    kept.append(self._random_token(rng))
+                # else: deleted
+            n = len(kept)
+            out_ids[i, :n] = torch.as_tensor(kept, dtype=ids.dtype)
+            out_ids[i, n:] = self.pad_id
+            out_mask[i, :n], out_mask[i, n:] = 1, 0
+        return out_ids, out_mask
+
+    def _random_token(self, rng: random.Random) -> int:
+        while True:  # special tokens are few: rejection ends almost at once
+            tok = rng.randrange(self.vocab_size)
+            if tok not in self.special:
+                return tok

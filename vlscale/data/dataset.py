@@ -6,6 +6,14 @@ debiased batch comes from a single source. Each batch carries its logical worker
 worker's stream positions after it and its skip counts, which is all ``ShardLoader`` needs to
 checkpoint and resume exactly.
 
+Two ways to make batches:
+
+* mixed (``debiased=False``): one stream over all sources, split into equal row ranges per
+  global worker ``g = rank * num_workers + worker``; each worker emits batches from its range.
+* debiased (ZeroVL): a global schedule (``sampling.DebiasedSchedule``) names the source of every
+  global step, the same on every rank; a rank's ``k``-th batch is step ``k``, made by logical
+  worker ``k % num_workers`` from its piece of that source's rows.
+
 Logical vs DataLoader workers: the DataLoader hands out work round-robin starting at its worker
 0. To resume in the middle of a round, ``ShardLoader`` rotates the mapping (DataLoader worker i
 plays logical worker ``(offset + i) % W``), so the interleaving of batches continues as it would
@@ -14,6 +22,7 @@ have without the interruption.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,12 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlscale.data.collate import Batch, EndOfStream, collate
-from vlscale.data.sampling import MIXED, BatchScheduler
+from vlscale.data.collate import Batch, CaptionMasker, EndOfStream, collate, sample_seeds
+from vlscale.data.sampling import MIXED, DebiasedSchedule
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
 from vlscale.data.transforms import ImageTransform
 
+log = logging.getLogger(__name__)
 _AUG_SALT = 0xA06
+_STEP_KEY = 0x57E9  # marks debiased batch positions (rank, step) apart from mixed ones (g, k)
 
 
 class ShardDataset(IterableDataset):
@@ -35,13 +46,16 @@ class ShardDataset(IterableDataset):
 
     Exactly-once: with ``drop_last=False`` every row of every readable shard is emitted (or
     skipped and counted) exactly once per epoch over all (rank, worker). With ``drop_last=True``
-    every worker owns the same number of rows per stream and emits only full batches.
+    rows that cannot make a full batch are counted as ``dropped_tail`` instead; in mixed mode
+    every worker owns the same number of rows and emits only full batches, in debiased mode every
+    rank emits one batch per global step (see ``sampling.py``).
     """
 
     def __init__(self, index: ShardIndex, *, batch_size: int, transform: ImageTransform,
                  tokenizer: Callable | None = None, max_length: int = 77, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1024, drop_last: bool = False,
-                 debiased: bool = False, on_error: str = "raise", with_concepts: bool = False) -> None:
+                 debiased: bool = False, on_error: str = "raise", with_concepts: bool = False,
+                 caption_masker: CaptionMasker | None = None) -> None:
         super().__init__()
         if batch_size <= 0 or max_length <= 0 or world_size <= 0:
             raise ValueError(f"batch_size ({batch_size}), max_length ({max_length}) and world_size "
@@ -51,9 +65,16 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer, self.drop_last = shuffle, shuffle_buffer, drop_last
         self.debiased, self.on_error, self.with_concepts = debiased, on_error, with_concepts
+        self.caption_masker = caption_masker
         names = list(index.source_counts()) if debiased else [MIXED]
         self.stream_units = {n: index.units_of(None if n == MIXED else n) for n in names}
         global_worker(rank, world_size, 0, 1)  # validates rank
+        if debiased and drop_last:
+            small = {n: c for n, c in index.source_counts().items() if c < world_size * batch_size}
+            if small:
+                log.warning("debiased sampling: sources %s have fewer rows than one global batch (%d = %d ranks x "
+                            "%d) and are never drawn; their rows are counted as dropped_tail", small,
+                            world_size * batch_size, world_size, batch_size)
         self.configure()
 
     def configure(self, *, epoch: int = 0, worker_states: dict[int, dict] | None = None,
@@ -62,21 +83,30 @@ class ShardDataset(IterableDataset):
         self.epoch, self.worker_states = epoch, dict(worker_states or {})
         self.worker_offset, self.num_workers = worker_offset, max(1, num_workers)
 
+    def schedule(self, epoch: int | None = None) -> DebiasedSchedule:
+        """The debiased schedule of ``epoch`` (default: the configured one); the same on every rank."""
+        return DebiasedSchedule(self.index.source_counts(), world_size=self.world_size, batch_size=self.batch_size,
+                                drop_last=self.drop_last, seed=self.seed, epoch=self.epoch if epoch is None else epoch)
+
     # -- partition -----------------------------------------------------------------------------
-    def _streams(self, g: int, num_global: int) -> dict[str, RowStream]:
-        streams = {}
+    def _orders(self) -> dict[str, tuple[int, list[int], int]]:
+        """Per stream: its id, this epoch's unit order (the same everywhere) and its row count."""
+        out = {}
         for s, (name, units) in enumerate(sorted(self.stream_units.items())):
             order = epoch_order(units, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, stream=s)
-            total = sum(self.index.units[u].rows for u in units)
-            quota = total // num_global if self.drop_last else None
-            lo, hi = worker_range(total, g, num_global, quota)
-            streams[name] = RowStream(self.index, worker_spans(self.index.units, order, lo, hi),
-                                      buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
-                                      stream_id=(s, g), shuffle=self.shuffle, on_error=self.on_error)
-        return streams
+            out[name] = (s, order, sum(self.index.units[u].rows for u in units))
+        return out
+
+    def _stream(self, s: int, order: list[int], ranges: list[tuple[int, int]], g: int) -> RowStream:
+        spans = [sp for lo, hi in ranges for sp in worker_spans(self.index.units, order, lo, hi)]
+        return RowStream(self.index, spans, buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
+                         stream_id=(s, g), shuffle=self.shuffle, on_error=self.on_error)
 
     def batches_per_epoch(self, num_workers: int) -> int:
-        """Batches this rank yields in one epoch if no sample is skipped (an upper bound otherwise)."""
+        """Batches this rank yields in one epoch. Debiased: exactly the number of global steps.
+        Mixed: exact unless samples are skipped (then an upper bound)."""
+        if self.debiased:
+            return len(self.schedule())
         total, num_workers = 0, max(1, num_workers)
         for w in range(num_workers):
             g, num_global = global_worker(self.rank, self.world_size, w, num_workers)
@@ -99,35 +129,72 @@ class ShardDataset(IterableDataset):
     def iter_worker(self, worker: int) -> Iterator[Batch | EndOfStream]:
         """The batches of logical worker ``worker`` (of ``num_workers``) in this epoch, from its
         saved position on. ``__iter__`` calls it in each DataLoader worker; tests call it directly."""
-        g, num_global = global_worker(self.rank, self.world_size, worker, self.num_workers)
-        streams = self._streams(g, num_global)
-        sched = BatchScheduler({n: st.num_rows for n, st in streams.items()}, batch_size=self.batch_size,
-                               drop_last=self.drop_last, seed_key=(self.seed, self.epoch, g))
         state = self.worker_states.get(worker, {})
         k, positions = int(state.get("k", 0)), dict(state.get("pos", {}))
+        done = bool(state.get("done", False))  # the epoch's dropped rows were already counted
         stats: Counter = Counter()
-        while (name := sched.choose(k, positions)) is not None:
-            rng = batch_rng(self.seed, self.epoch, g, k)
-            images, rows, positions[name] = self._fill(streams[name], positions.get(name, 0), rng, stats)
+        g, num_global = global_worker(self.rank, self.world_size, worker, self.num_workers)
+        orders = self._orders()
+        if self.debiased:
+            schedule = self.schedule()
+            ranges = schedule.worker_rows(self.rank, worker, self.num_workers)
+            streams = {n: self._stream(s, order, ranges[n], g) for n, (s, order, _) in orders.items()}
+            steps = ((schedule.source(t), schedule.rows(t, self.rank), (self.rank, t, _STEP_KEY))
+                     for t in range(worker + k * self.num_workers, len(schedule), self.num_workers))
+            unassigned = 0
+        else:
+            (s, order, total), = orders.values()
+            lo, hi = worker_range(total, g, num_global)
+            quota_hi = min(hi, lo + total // num_global) if self.drop_last else hi
+            streams = {MIXED: self._stream(s, order, [(lo, quota_hi)], g)}
+            unassigned = hi - quota_hi  # rows beyond the equal per-worker quota (drop_last)
+            steps = self._mixed_steps(streams[MIXED], positions, g, k)
+        for name, need, position in steps:
+            rng = batch_rng(self.seed, self.epoch, *position)
+            images, rows, positions[name] = self._fill(streams[name], positions.get(name, 0), rng, stats, need)
             k += 1
-            if not rows or (self.drop_last and len(rows) < self.batch_size):
-                continue  # the stream ran dry (skipped samples); its remainder is dropped
-            batch = collate(images, rows, tokenizer=self.tokenizer, max_length=self.max_length,
-                            mean=self.transform.mean, std=self.transform.std, with_concepts=self.with_concepts)
+            if not self.debiased and (not rows or (self.drop_last and len(rows) < need)):
+                if rows:  # the stream ran dry (skipped samples): not a full batch
+                    stats["dropped_tail"] += len(rows)
+                continue
+            if self.debiased and len(rows) < need:
+                stats["short_batch"] += 1  # skipped samples ate this worker's spares: the step stays aligned
+            batch = self._collate(images, rows, position)
             stats["samples"] += len(rows)
             batch.worker = worker
             batch.state = {"epoch": self.epoch, "k": k, "pos": dict(positions)}
             batch.stats = dict(stats)
             yield batch
-        yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions)},
+        unread = unassigned + sum(st.num_rows - positions.get(n, 0) for n, st in streams.items())
+        if unread and not done:  # rows nobody read this epoch (drop_last tails, unused spares), counted once
+            stats["dropped_tail"] += unread
+        yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions), "done": True},
                           stats=dict(stats))
 
-    def _fill(self, stream: RowStream, position: int, rng: random.Random,
-              stats: Counter) -> tuple[list[np.ndarray], list[dict], int]:
-        """Read rows from ``position`` until ``batch_size`` good samples (or the stream ends)."""
+    def _mixed_steps(self, stream: RowStream, positions: dict[str, int], g: int,
+                     k: int) -> Iterator[tuple[str, int, tuple[int, ...]]]:
+        """Mixed mode: (stream, rows wanted, batch position) while the stream has rows (a full
+        batch's worth with drop_last)."""
+        while stream.num_rows - positions.get(MIXED, 0) >= (self.batch_size if self.drop_last else 1):
+            yield MIXED, self.batch_size, (g, k)
+            k += 1
+
+    def _collate(self, images: list[np.ndarray], rows: list[dict], position: tuple[int, ...]) -> Batch:
+        batch = collate(images, rows, tokenizer=self.tokenizer, max_length=self.max_length, mean=self.transform.mean,
+                        std=self.transform.std, with_concepts=self.with_concepts, image_size=self.transform.size)
+        if self.caption_masker is not None and batch.tokens is not None:
+            seeds = sample_seeds(self.seed, self.epoch, position, batch.source, batch.keys)
+            batch.tokens, batch.attention_mask = self.caption_masker(batch.tokens, batch.attention_mask, seeds)
+        return batch
+
+    def _fill(self, stream: RowStream, position: int, rng: random.Random, stats: Counter,
+              need: int) -> tuple[list[np.ndarray], list[dict], int]:
+        """Read rows from ``position`` until ``need`` good samples (or the stream ends)."""
         images: list[np.ndarray] = []
         rows: list[dict] = []
         end = position
+        if need <= 0:
+            return images, rows, end
         for end, row in stream.rows(position):  # noqa: B007 - `end` after the loop is the new position
             if row is None:
                 stats["unreadable_batch"] += 1
@@ -141,14 +208,15 @@ class ShardDataset(IterableDataset):
                 stats["unreadable_image"] += 1
                 continue
             rows.append(row)
-            if len(rows) == self.batch_size:
+            if len(rows) == need:
                 break
         return images, rows, end
 
 
-def batch_rng(seed: int, epoch: int, g: int, k: int) -> random.Random:
-    """The augmentation RNG of batch ``k`` of global worker ``g``: a pure function of its position."""
-    state = np.random.SeedSequence([seed, epoch, g, k, _AUG_SALT]).generate_state(2, np.uint64)
+def batch_rng(seed: int, epoch: int, *position: int) -> random.Random:
+    """The augmentation RNG of one batch, a pure function of its position: ``(g, k)`` (batch
+    ``k`` of global worker ``g``, mixed mode) or ``(rank, step, _STEP_KEY)`` (debiased)."""
+    state = np.random.SeedSequence([seed, epoch, *position, _AUG_SALT]).generate_state(2, np.uint64)
     return random.Random(int(state[0]) << 64 | int(state[1]))
 
 

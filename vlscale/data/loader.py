@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlscale.data.collate import Batch
+from vlscale.data.collate import ZEROVL_TEXT_MASK_SPLIT, Batch, CaptionMasker
 from vlscale.data.dataset import ShardDataset, seed_worker_threads
 from vlscale.data.stream import ShardIndex, default_rank_world
 from vlscale.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: debiased positions follow the global schedule (version 1 resumes mixed mode only)
 _LOADER_SALT = 0xD17A  # keeps the workers' base seed apart from the shuffle / augmentation seeds
 
 
@@ -75,8 +75,11 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counts since the start of training: ``samples`` delivered, and skips by reason
-        (``unreadable_image``, ``empty_caption``, ``unreadable_batch``, ``unreadable_shard``)."""
+        """Counts since the start of training: ``samples`` delivered, skips by reason
+        (``unreadable_image``, ``empty_caption``, ``unreadable_batch``, ``unreadable_shard``),
+        ``dropped_tail`` (rows left at an epoch's end that could not fill a batch with
+        ``drop_last``, counted once by the rank that owns them) and ``short_batch`` (debiased
+        batches that skipped samples left shorter than ``batch_size``)."""
         total = Counter(self._base_stats)
         for counts in self._live_stats.values():
             total.update(counts)
@@ -116,8 +119,11 @@ class ShardLoader:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Resume from ``state_dict()``; the partition settings must match (else ``ValueError``)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        version = state.get("version")
+        if version != STATE_VERSION and not (version == 1 and not self.dataset.debiased):
+            raise ValueError(f"loader state version {version} != {STATE_VERSION}" + (
+                " (a debiased checkpoint of an older vlscale: its per-worker schedule cannot be continued by "
+                "the global one; restart the epoch with loader.set_epoch)" if version == 1 else ""))
         mismatched = {k: (v, state["config"].get(k)) for k, v in self._fingerprint().items()
                       if state["config"].get(k) != v}
         if mismatched:
@@ -135,11 +141,18 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  shuffle_buffer: int = 1024, drop_last: bool | None = None, max_length: int = 77,
                  on_error: str = "raise", pin_memory: bool | None = None, prefetch_factor: int = 2,
                  with_concepts: bool | None = None, scale: tuple[float, float] = (0.9, 1.0),
-                 hflip: float = 0.0, draft: bool | None = None) -> ShardLoader:
+                 hflip: float = 0.0, draft: bool | None = None, auto_augment: str = "",
+                 text_mask_prob: float = 0.0,
+                 text_mask_split: tuple[float, float, float] = ZEROVL_TEXT_MASK_SPLIT) -> ShardLoader:
     """Build the loader over a shard folder or a list of shard files.
 
     ``train`` selects the random-resized-crop transform, shuffling and ``drop_last`` (each
     overridable). ``rank``/``world_size`` default to torch.distributed (or RANK/WORLD_SIZE).
+    ``debiased``: ZeroVL sampling, one source per global step (``vlscale.data.sampling``).
+    Train-time augmentation (``train=True`` only): crop area ``scale``, ``hflip``,
+    ``auto_augment`` (``transforms.parse_auto_augment``) and ZeroVL caption token masking
+    ``text_mask_prob`` / ``text_mask_split`` (``collate.CaptionMasker``; the tokenizer must have a
+    mask token).
     ``on_error="skip"`` skips unreadable shards / record batches and counts them instead of raising.
     ``pin_memory`` defaults to whether CUDA is available (checked here, not at import).
     ``draft`` (reduced-scale JPEG decoding of large images) defaults to ``train``.
@@ -148,16 +161,21 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
         auto_rank, auto_world = default_rank_world()
         rank = auto_rank if rank is None else rank
         world_size = auto_world if world_size is None else world_size
+    if not train and (auto_augment or text_mask_prob):
+        raise ValueError("auto_augment and text_mask_prob are train-time augmentations; build_loader(train=False) "
+                         "was asked for them")
+    masker = CaptionMasker.from_tokenizer(tokenizer, text_mask_prob, text_mask_split) if text_mask_prob else None
     index = ShardIndex(shards, on_error=on_error)
     for path, why in index.skipped.items():
         log.warning("skipping shard %s: %s", path, why)
     transform = build_transform(train=train, image_size=image_size, data_config=data_config, scale=scale,
-                                hflip=hflip, draft=draft)
+                                hflip=hflip, draft=draft, auto_augment=auto_augment)
     dataset = ShardDataset(
         index, batch_size=batch_size, transform=transform, tokenizer=tokenizer, max_length=max_length, rank=rank,
         world_size=world_size, seed=seed, shuffle=train if shuffle is None else shuffle,
         shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last, debiased=debiased,
-        on_error=on_error, with_concepts=any(index.has_concepts) if with_concepts is None else with_concepts)
+        on_error=on_error, with_concepts=any(index.has_concepts) if with_concepts is None else with_concepts,
+        caption_masker=masker)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

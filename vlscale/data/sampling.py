@@ -1,18 +1,35 @@
-"""Which stream each batch comes from: debiased (ZeroVL) or mixed sampling.
+"""Debiased sampling (ZeroVL): which source every GLOBAL step draws from, and which rows each
+(rank, worker) reads for it.
 
-Debiased sampling (ZeroVL, arXiv 2112.09331, §3.3): every batch is drawn from one source
-dataset, the source chosen with probability proportional to its size. Each worker has one row
-stream per source; the source of its k-th batch is drawn with probability proportional to the
-rows that source still has *in this worker*. That is sampling batches without replacement: the
-sequence of sources is a uniformly random interleaving of the per-source batch sequences, so at
-every step the marginal probability of source s is n_s / N (proportional to size) and every
-sample is still seen exactly once per epoch.
+ZeroVL (arXiv 2112.09331, §3.3) builds every batch from one source dataset, so the contrastive
+negatives of a step come from one domain; the source is drawn with probability proportional to
+its size. The batch that matters is the global one (all ranks at one optimizer step: the loss
+gathers every rank's embeddings), so the draw is made once per step, for all ranks.
 
-Mixed sampling: one stream over all sources; a batch holds whatever the shuffled order gives
-(sources appear in proportion to their sizes).
+The schedule of one epoch is a pure function of (seed, epoch, per-source row counts, world size,
+batch size, drop_last), computed identically by every rank and worker:
 
-The choice for batch k depends only on (seed, epoch, worker, k) and the stream positions, so
-it is reproduced exactly after a resume.
+* a step of source ``s`` takes ``batch_size`` rows of ``s`` on every rank (one global batch of
+  ``world_size * batch_size`` rows); source ``s`` has ``N_s // (world_size * batch_size)`` full
+  steps, plus, without ``drop_last``, one last short step holding its remaining rows;
+* the order of the steps is a uniformly random interleaving of the sources' steps (a seeded
+  permutation of the multiset of step labels). That is sampling global batches without
+  replacement: given the steps already taken, step ``t`` comes from source ``s`` with probability
+  (global batches ``s`` has left) / (global batches left), i.e. proportional to the rows each
+  source has left across all ranks; its marginal is ``N_s / N``, and every row is used once.
+
+Rows: each epoch a source's record batches are put in one seeded order (``epoch_order``); rank
+``r`` owns the contiguous range ``worker_range(N_s, r, world_size)`` of that sequence. A rank's
+``k``-th batch is global step ``k``, produced by logical DataLoader worker ``k % num_workers``
+(the DataLoader visits workers round-robin), so within a rank's range worker ``w`` gets one
+contiguous piece holding exactly the rows of its steps of ``s``. With ``drop_last`` the rows of
+a rank's range beyond its full steps (fewer than ``batch_size`` + the source's last partial
+global batch) are spares, split over the workers: a worker that skipped a corrupt sample fills its
+batch from the next rows, the spares last. Spare rows left at the end of the epoch are counted as
+``dropped_tail``; they are never delivered silently or twice.
+
+Mixed sampling (``debiased=False``) is one stream over all sources, partitioned over
+(rank, worker) in ``stream.py``; this module is not involved.
 """
 
 from __future__ import annotations
@@ -21,40 +38,81 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vlscale.data.stream import worker_range
+
 _SCHEDULE_SALT = 0xB1A5
 MIXED = "*"
 
 
-class BatchScheduler:
-    """Pick the stream of each batch of one worker.
+class DebiasedSchedule:
+    """The source of every global step of one epoch, and each (rank, worker)'s rows.
 
-    ``sizes`` maps stream name -> rows owned by this worker; with ``drop_last`` a stream with
-    fewer than ``batch_size`` rows left is exhausted (its tail is dropped this epoch).
+    ``sizes`` maps source name -> rows in the whole dataset (all ranks), e.g.
+    ``ShardIndex.source_counts()``. ``len(schedule)`` is the number of global steps; every rank
+    yields exactly that many batches per epoch.
     """
 
-    def __init__(self, sizes: Mapping[str, int], *, batch_size: int, drop_last: bool,
-                 seed_key: tuple[int, ...]) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+    def __init__(self, sizes: Mapping[str, int], *, world_size: int, batch_size: int, drop_last: bool,
+                 seed: int, epoch: int) -> None:
+        if world_size <= 0 or batch_size <= 0:
+            raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be positive")
+        if any(int(n) < 0 for n in sizes.values()):
+            raise ValueError(f"source sizes must be >= 0, got {dict(sizes)}")
         self.names = sorted(sizes)
-        self.sizes = np.array([sizes[n] for n in self.names], dtype=np.int64)
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.seed_key = tuple(int(x) for x in seed_key)
+        self.world_size, self.batch_size, self.drop_last = world_size, batch_size, drop_last
+        self.sizes = np.array([int(sizes[n]) for n in self.names], dtype=np.int64)
+        global_batch = world_size * batch_size
+        self.full = self.sizes // global_batch  # full global batches per source
+        self.tail = self.sizes - self.full * global_batch  # rows of the last, partial global batch
+        steps = self.full + ((self.tail > 0) & (not drop_last))
+        rng = np.random.default_rng([int(seed), int(epoch), _SCHEDULE_SALT])
+        self.sources = rng.permutation(np.repeat(np.arange(len(self.names)), steps))
+        # occurrence[t]: how many earlier steps drew the same source (its j-th global batch)
+        self.occurrence = np.zeros(len(self.sources), dtype=np.int64)
+        for s in range(len(self.names)):
+            at = np.flatnonzero(self.sources == s)
+            self.occurrence[at] = np.arange(len(at))
 
-    def remaining(self, positions: Mapping[str, int]) -> np.ndarray:
-        """Rows each stream can still contribute to full (drop_last) or any batches."""
-        pos = np.array([positions.get(n, 0) for n in self.names], dtype=np.int64)
-        left = np.maximum(self.sizes - pos, 0)
-        return np.where(left >= (self.batch_size if self.drop_last else 1), left, 0)
+    def __len__(self) -> int:
+        return len(self.sources)
 
-    def choose(self, k: int, positions: Mapping[str, int]) -> str | None:
-        """Stream of batch ``k`` (probability ∝ rows left), or ``None`` when all are exhausted."""
-        left = self.remaining(positions)
-        total = int(left.sum())
-        if total == 0:
-            return None
-        if len(self.names) == 1:
-            return self.names[0]
-        rng = np.random.default_rng([*self.seed_key, _SCHEDULE_SALT, k])
-        return self.names[int(rng.choice(len(self.names), p=left / total))]
+    def source(self, t: int) -> str:
+        """Name of the source of global step ``t``."""
+        return self.names[int(self.sources[t])]
+
+    def _tail_share(self, s: int, rank: int) -> int:
+        lo, hi = worker_range(int(self.tail[s]), rank, self.world_size)
+        return hi - lo
+
+    def rows(self, t: int, rank: int) -> int:
+        """Rows rank ``rank`` contributes to step ``t``: ``batch_size``, or its share of a
+        source's last partial global batch (``drop_last=False``; it can be 0 on some ranks)."""
+        s = int(self.sources[t])
+        return self.batch_size if self.occurrence[t] < self.full[s] else self._tail_share(s, rank)
+
+    def steps_left(self, t: int) -> dict[str, int]:
+        """Global batches each source has left before step ``t`` (its draw is ∝ these)."""
+        done = np.bincount(self.sources[:t], minlength=len(self.names))
+        total = np.bincount(self.sources, minlength=len(self.names))
+        return dict(zip(self.names, (total - done).tolist()))
+
+    def worker_rows(self, rank: int, worker: int, num_workers: int) -> dict[str, list[tuple[int, int]]]:
+        """Per source, the row ranges (of the source's epoch sequence) that logical worker
+        ``worker`` of rank ``rank`` reads, in order: its steps' rows, then its share of spares."""
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} out of range for {num_workers} workers")
+        t = np.arange(len(self.sources))
+        is_full = self.occurrence < self.full[self.sources]
+        tail_share = np.array([self._tail_share(s, rank) for s in range(len(self.names))], dtype=np.int64)
+        need = np.where(is_full, self.batch_size, tail_share[self.sources])
+        # rows of each (source, worker): worker w makes the steps t with t % num_workers == w
+        per = np.bincount(self.sources * num_workers + t % num_workers, weights=need,
+                          minlength=len(self.names) * num_workers).astype(np.int64).reshape(-1, num_workers)
+        out = {}
+        for s, name in enumerate(self.names):
+            lo, hi = worker_range(int(self.sizes[s]), rank, self.world_size)
+            start = lo + int(per[s, :worker].sum())
+            used = int(per[s].sum())
+            spare_lo, spare_hi = worker_range(hi - lo - used, worker, num_workers)
+            out[name] = [(start, start + int(per[s, worker])), (lo + used + spare_lo, lo + used + spare_hi)]
+        return out

@@ -4,15 +4,22 @@ Transforms return ``uint8`` HWC arrays; conversion to float and normalisation ha
 batch in the collate (one vectorised op instead of one per image). Random choices come from a
 ``random.Random`` passed in by the caller, seeded per batch, so a resumed run reproduces the
 same crops (``random.Random`` rather than numpy: a scalar draw costs ~0.1 µs instead of ~2 µs).
+
+Train-time options: the RandomResizedCrop area range ``scale`` (open_clip's 0.9–1 by default;
+ZeroVL uses 0.6–1), horizontal flips, and torchvision's AutoAugment / RandAugment
+(``auto_augment``, applied to the cropped image, as ZeroVL's ``[random_resize_crop, autoaug]``).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,6 +31,52 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
 
+AUTO_AUGMENT_HELP = ("'' (off), 'autoaugment' (torchvision AutoAugment, ImageNet policy: ZeroVL's choice), "
+                     "'autoaugment-cifar10', 'autoaugment-svhn', 'randaugment' (N=2 ops, magnitude M=9), "
+                     "'randaugment-n<N>-m<M>' (N >= 1, 0 <= M <= 30)")
+
+
+def parse_auto_augment(spec: str) -> tuple[str, dict[str, Any]] | None:
+    """``spec`` -> (torchvision class name, its arguments), or None when off; raises on bad specs."""
+    text = (spec or "").strip().lower()
+    if text in ("", "none", "off"):
+        return None
+    m = re.fullmatch(r"autoaugment(?:-(imagenet|cifar10|svhn))?", text)
+    if m:
+        return "AutoAugment", {"policy": m.group(1) or "imagenet"}
+    m = re.fullmatch(r"randaugment(?:-n(\d+)-m(\d+))?", text)
+    if m:
+        n, mag = (int(m.group(1)), int(m.group(2))) if m.group(1) else (2, 9)
+        if n >= 1 and 0 <= mag <= 30:  # torchvision's 31 magnitude bins
+            return "RandAugment", {"num_ops": n, "magnitude": mag}
+    raise ValueError(f"auto_augment={spec!r} is not understood; use {AUTO_AUGMENT_HELP}")
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_augment_op(spec: str) -> Any:
+    # lazy: torchvision is imported only when an auto_augment policy is asked for
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy, RandAugment
+
+    name, kwargs = parse_auto_augment(spec)  # type: ignore[misc]
+    if name == "AutoAugment":
+        return AutoAugment(AutoAugmentPolicy(kwargs["policy"]))
+    return RandAugment(**kwargs)
+
+
+def apply_auto_augment(img: Image.Image, spec: str, rng: random.Random) -> Image.Image:
+    """torchvision's AutoAugment / RandAugment on ``img``, its draws seeded from ``rng``.
+
+    torchvision draws from the global torch RNG; the draw happens under a forked RNG seeded from
+    ``rng``, so the result is a pure function of the batch position (a resume replays it) and the
+    caller's global torch state is left as it was."""
+    import torch
+
+    op = _auto_augment_op(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        return op(img)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image; raises on corrupt or truncated data."""
     img = Image.open(io.BytesIO(data))  # in-memory source: nothing to close
@@ -33,8 +86,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Crop + resize to ``size`` (H, W). Train: random-resized crop (torchvision's algorithm) and
-    optional horizontal flip; eval: resize the short side to ``size / crop_pct`` and center crop."""
+    """Crop + resize to ``size`` (H, W). Train: random-resized crop (torchvision's algorithm),
+    optional horizontal flip, then optional AutoAugment / RandAugment (``auto_augment``, see
+    ``parse_auto_augment``); eval: resize the short side to ``size / crop_pct`` and center crop."""
 
     size: tuple[int, int]
     train: bool
@@ -46,12 +100,20 @@ class ImageTransform:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     draft: bool = False  # JPEG DCT-domain downscaling when the crop is >= 2x the output (see decode_transform)
+    auto_augment: str = ""  # torchvision AutoAugment / RandAugment after the crop (train only)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation {self.interpolation!r} not in {sorted(_RESAMPLE)}")
-        if not 0 < self.crop_pct <= 1 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"bad crop_pct {self.crop_pct} or scale {self.scale}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        check_crop_scale(self.scale)
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
+        if parse_auto_augment(self.auto_augment) is not None:
+            if not self.train:
+                raise ValueError(f"auto_augment={self.auto_augment!r} is a train-time augmentation (train=False here)")
+            _auto_augment_op(self.auto_augment)  # import torchvision here, once, not in every forked worker
 
     def __call__(self, img: Image.Image, rng: random.Random) -> np.ndarray:
         """Transform a decoded image."""
@@ -87,6 +149,8 @@ class ImageTransform:
         out = img.resize((w, h), _RESAMPLE[self.interpolation], box=box)
         if self.train and self.hflip > 0 and rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.auto_augment:  # after the draws above: a run without it keeps today's crops
+            out = apply_auto_augment(out, self.auto_augment, rng)
         return np.asarray(out, dtype=np.uint8)
 
     def _random_box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
@@ -128,13 +192,22 @@ class ImageTransform:
         return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
+def check_crop_scale(scale: tuple[float, float]) -> tuple[float, float]:
+    """Validate a RandomResizedCrop area range: ``0 < lo <= hi <= 1``."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop scale must be (lo, hi) with 0 < lo <= hi <= 1 (fractions of the image area; "
+                         f"open_clip 0.9-1, ZeroVL 0.6-1), got {tuple(scale)}")
+    return float(scale[0]), float(scale[1])
+
+
 def build_transform(*, train: bool, image_size: int | tuple[int, int] | None = 224,
                     data_config: Mapping | None = None, scale: tuple[float, float] = (0.9, 1.0),
-                    hflip: float = 0.0, draft: bool | None = None) -> ImageTransform:
+                    hflip: float = 0.0, draft: bool | None = None, auto_augment: str = "") -> ImageTransform:
     """Transform from a timm data config (``input_size``, ``mean``, ``std``, ``interpolation``,
     ``crop_pct``, as returned by ``timm.data.resolve_data_config``) or a plain ``image_size``.
     ``draft`` (JPEG reduced-scale decoding) defaults to on for training and off for evaluation,
-    where pixels should match timm's reference preprocessing."""
+    where pixels should match timm's reference preprocessing. ``scale`` and ``auto_augment`` are
+    train-time options (see ``ImageTransform``)."""
     cfg = dict(data_config or {})
     if "input_size" in cfg:
         _, h, w = cfg["input_size"]
@@ -146,4 +219,4 @@ def build_transform(*, train: bool, image_size: int | tuple[int, int] | None = 2
     return ImageTransform(size=(int(h), int(w)), train=train, interpolation=str(interpolation),
                           crop_pct=float(cfg.get("crop_pct") or 0.875), scale=tuple(scale), hflip=hflip,
                           mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)),
-                          draft=train if draft is None else draft)
+                          draft=train if draft is None else draft, auto_augment=auto_augment)

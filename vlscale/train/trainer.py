@@ -121,7 +121,9 @@ class Trainer:
             batch_size=self.micro, rank=self.rt.rank, world_size=self.rt.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
             max_length=cfg.model.context_length, on_error="skip",
-            scale=(0.9, 1.0) if cfg.data.augment else (1.0, 1.0))
+            scale=cfg.data.crop_scale if cfg.data.augment else (1.0, 1.0),
+            auto_augment=cfg.data.auto_augment if cfg.data.augment else "",
+            text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
