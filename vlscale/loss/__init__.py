@@ -5,6 +5,7 @@
 and the seam the distributed loss plugs into.
 """
 
+from vlscale.loss import precision
 from vlscale.loss.backend import LossBackend, ReferenceBackend
 from vlscale.loss.backends import get_backend
 from vlscale.loss.chunked import ChunkedBackend
@@ -33,5 +34,6 @@ __all__ = [
     "get_backend",
     "info_nce",
     "one_way_plan",
+    "precision",
     "symmetric_plan",
 ]
