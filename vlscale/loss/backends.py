@@ -172,13 +172,14 @@ def _compiled() -> LossBackend:
 register_backend("reference", ReferenceBackend, oracle=True,
                  summary="materialises the logits (the oracle; O(M·N) memory)")
 register_backend("chunked", ChunkedBackend, summary="pure torch in row × column tiles, eager elementwise work")
-register_backend("compiled", _compiled, unavailable=_compiled_unavailable,
+# Reasons are looked up at call time (lambda), so they can be replaced (tests, other probes).
+register_backend("compiled", _compiled, unavailable=lambda d: _compiled_unavailable(d),
                  summary="chunked tiles, torch.compile'd elementwise work, cuBLAS matmuls")
-register_backend("triton", _triton(), unavailable=triton_unavailable_reason,
+register_backend("triton", _triton(), unavailable=lambda d: triton_unavailable_reason(d),
                  summary="fused Triton kernels; backward: one P per block feeds both products (8·M·N·D)")
-register_backend("triton-banded", _triton("banded"), unavailable=triton_unavailable_reason,
+register_backend("triton-banded", _triton("banded"), unavailable=lambda d: triton_unavailable_reason(d),
                  summary="Triton; backward per direction: P bands + cuBLAS products (10·M·N·D)")
-register_backend("triton-fused", _triton("fused"), unavailable=triton_unavailable_reason,
+register_backend("triton-fused", _triton("fused"), unavailable=lambda d: triton_unavailable_reason(d),
                  summary="Triton; backward per direction in one kernel, no P buffer (10·M·N·D)")
 
 IMPLS = impls()  # the built-in names; impls() also includes backends registered later
