@@ -207,3 +207,28 @@ def test_mm_f32_never_rounds_the_product_to_16_bits(fresh_modes, monkeypatch, mo
     torch.testing.assert_close(acc, want + 1, rtol=0, atol=1e-4)
     precision.mm_f32(a, b, out=acc)
     torch.testing.assert_close(acc, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift_bits", [0, 5])
+def test_fp16_large_batch_on_gpu(shift_bits):
+    """B = 32,768 (and an emulated 2⁵ larger batch, ≈ 1M) in fp16 on a real GPU, every backend that
+    runs there, against a float64 chunked reference on the same device."""
+    from vlscale.loss import backends
+
+    dev = torch.device("cuda")
+    torch.manual_seed(4)
+    b, d = 32768, 128
+    q, k, sc = unit(b, d).to(dev), unit(b, d).to(dev), torch.tensor([30.0], device=dev)
+    ref = ChunkedBackend(4096, 8192)
+    r, c = ref.lse(q.double(), k.double(), sc.double())
+    r, c = r + shift_bits * math.log(2), c + shift_bits * math.log(2)
+    coef = torch.full((b,), 0.5 / b, dtype=torch.float64, device=dev)
+    want = ref.grad(q.double(), k.double(), sc.double(), r, c, coef, coef)
+    for name in backends.registered_backends(include_oracle=False):
+        if backends.unavailable_reason(name, dev) is not None:
+            continue
+        got = backends.get_backend(name, dev).grad(q, k, sc, r.float(), c.float(), coef.float(), coef.float())
+        for what, g, w in zip(("dq", "dk"), got, want):
+            mx, mean = rel_errors(g, w)
+            assert mx <= MAX_BOUND and mean <= MEAN_BOUND, f"{name} {what}: rel max {mx:.3g}, rel mean {mean:.3g}"
