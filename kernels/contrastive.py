@@ -5,8 +5,8 @@ The similarity matrix ``S = s·Q·Kᵀ`` (Q: M×D, K: N×D) is never stored whol
 ``_lse_kernel`` (forward)
     row AND column log-sum-exp of S from ONE evaluation of every S tile (the FLOP floor 8·M·N·D
     counts one S in the forward). A persistent grid of one program per SM, on axis 0: each owns a
-    rectangle of S (``ROW_BAND`` rows × ``COL_BAND`` columns) and walks its tiles in one flattened
-    loop; row statistics (running max, sum of exp) live in registers; column statistics are
+    rectangle of S (``ROW_BAND`` rows × ``COL_BAND`` columns); for each row tile, one flattened loop
+    over (column tile, D chunk) so loads are prefetched across tiles; row statistics (running max, sum of exp) live in registers; column statistics are
     read-modify-written in a per-row-band partial buffer only this program touches, merged on the
     host with one ``logsumexp``. Memory: ``(#row bands)·N + (#col bands)·M`` (max, sum) pairs —
     ~46 MiB at B = 262,144 on an H100 (12 × 11 rectangles), versus a (M/BLOCK_M)×N partial buffer
@@ -334,8 +334,9 @@ def _shared(q: Tensor, k: Tensor, s: Tensor, sq: Side, sk: Side, cfg: KernelSett
     """``"shared"``: P once per (R × C) block, both products from it in cuBLAS (fp32 accumulate).
 
     ``dQ[r] += P·K[c]`` and ``dK[c] += Pᵀ·Q[r]``: S is evaluated once in the backward, so the loss
-    executes 8·M·N·D FLOPs. Blocks of 4096² (32 MiB in 16 bits) stay in a 40–50 MiB L2 between the
-    kernel that writes P and the two GEMMs that read it.
+    executes 8·M·N·D FLOPs. A 4096² block is 32 MiB in 16 bits, sized to stay largely in an A100 /
+    H100 L2 (40 / 50 MB) between the kernel that writes it and the two GEMMs that read it (a design
+    choice, not yet timed on a GPU; ``p_block`` is a setting).
     """
     (m, d), n = q.shape, k.shape[0]
     rows = _rows_per_block(m, cfg.grad_block_m, cfg.p_block)
