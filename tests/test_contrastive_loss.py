@@ -16,15 +16,16 @@ from vlscale.loss import ChunkedBackend, ContrastiveLoss, contrastive_loss, get_
 from vlscale.loss.triton_backend import TritonBackend
 
 # Small tiles and 2×2 bands so a 33-row case spans several tiles per band in the interpreter; the
-# banded backward with bands of 16 rows, and the fused backward.
-TRITON_SMALL = TritonBackend(KernelSettings(16, 16, 16, row_bands=2, col_bands=2, upcast=True,
-                                            grad_block_m=16, grad_block_n=16, band_elems=16 * 40))
-TRITON_FUSED = TritonBackend(KernelSettings(16, 16, 16, row_bands=2, col_bands=2, upcast=True,
-                                            grad_block_m=16, grad_block_n=16, backward="fused"))
+# shared backward with 16 × 32 P blocks, the banded one with bands of 16 rows, and the fused one.
+SMALL = dict(row_bands=2, col_bands=2, upcast=True, grad_block_m=16, grad_block_n=16)
+TRITON_SMALL = TritonBackend(KernelSettings(16, 16, 16, **SMALL, p_block=32))
+TRITON_BANDED = TritonBackend(KernelSettings(16, 16, 16, **SMALL, backward="banded", band_elems=16 * 40))
+TRITON_FUSED = TritonBackend(KernelSettings(16, 16, 16, **SMALL, backward="fused"))
 IMPLS = {
     "reference": "reference",
     "chunked": ChunkedBackend(block_m=32, block_n=48),  # ragged edge tiles at 127 and 300
     "triton": TRITON_SMALL,
+    "triton-banded": TRITON_BANDED,
     "triton-fused": TRITON_FUSED,
     "triton-default": TritonBackend(),  # the interpreter's own settings (BLOCK_D=64): D=768 in 12 chunks
 }
@@ -101,7 +102,8 @@ def run_symmetric(impl, b, d, dtype, s, mix=None, ref_dtype_naive=False):
 
 
 SYM_CASES = [
-    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton-fused", 33, 3), ("triton-default", 20, 768),
+    ("triton", 1, 3), ("triton", 7, 64), ("triton", 33, 64), ("triton-fused", 33, 3), ("triton-banded", 33, 64),
+    ("triton-default", 20, 768),
     ("chunked", 1, 3), ("chunked", 7, 64), ("chunked", 127, 64), ("chunked", 300, 3), ("chunked", 40, 768),
     ("reference", 7, 64), ("reference", 127, 3),
 ]
@@ -127,7 +129,7 @@ def test_symmetric_low_precision(impl, dtype):
     run_symmetric(IMPLS[impl], 33, 64, dtype, s=50.0)
 
 
-@pytest.mark.parametrize("impl", ["triton", "triton-fused", "chunked", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "triton-banded", "triton-fused", "chunked", "reference"])
 @pytest.mark.parametrize("kind", ["reversal", "permutation"])
 def test_symmetric_mix(impl, kind):
     torch.manual_seed(11)
@@ -152,6 +154,7 @@ def run_info_nce(impl, m, n, e, d, dtype, s, *, permuted=True, mix_lam=None):
 
 NCE_CASES = [
     ("triton", 7, 33, 19, 64), ("triton", 33, 7, 0, 3), ("triton-fused", 7, 33, 19, 64), ("triton", 1, 1, 0, 64),
+    ("triton-banded", 7, 33, 19, 64),
     ("chunked", 127, 300, 50, 64), ("chunked", 300, 127, 0, 3), ("chunked", 7, 33, 19, 768),
     ("reference", 127, 300, 50, 64),
 ]
@@ -237,9 +240,12 @@ def test_auto_is_logged_once(caplog):
 def test_auto_and_explicit_backend_selection(monkeypatch):
     assert get_backend("auto", "cpu").name == "chunked"
     assert get_backend("reference", "cpu").name == "reference"
+    for variant in ("triton", "triton-banded", "triton-fused"):  # the interpreter runs all of them
+        assert get_backend(variant, "cpu").name == variant
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="not CUDA"):
-        get_backend("triton", "cpu")
+    for variant in ("triton", "triton-banded", "triton-fused"):
+        with pytest.raises(ValueError, match="not CUDA"):
+            get_backend(variant, "cpu")
     with pytest.raises(ValueError, match="impl must be one of"):
         get_backend("fast", "cpu")
 
@@ -330,20 +336,24 @@ def test_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "triton-banded", "triton-fused", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("b", "d"), [(1, 64), (127, 512), (1000, 768), (4097, 512), (300, 1024)])
-def test_triton_on_gpu_matches_float64(dtype, b, d):
-    """The compiled kernels (tensor-core dots in the input dtype) on a real GPU, sm_80+."""
+def test_triton_on_gpu_matches_float64(impl, dtype, b, d):
+    """The compiled kernels (tensor-core dots in the input dtype) on a real GPU, sm_80+; the compiled
+    chunked tile (cuBLAS 16-bit products with fp32 outputs) on any GPU."""
     torch.manual_seed(b + d)
     dev = torch.device("cuda")
-    if torch.cuda.get_device_capability(dev)[0] < 8:
+    if impl.startswith("triton") and torch.cuda.get_device_capability(dev)[0] < 8:
         pytest.skip("triton backend needs sm_80+")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("no bf16 on this GPU")
     img = F.normalize(torch.randn(b, d, device=dev, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
     txt = F.normalize(torch.randn(b, d, device=dev, dtype=torch.float64), dim=-1).to(dtype).requires_grad_()
     scale = torch.tensor([30.0], device=dev, requires_grad=True)
     labels_b = torch.randperm(b, device=dev)
     for mix in (None, (labels_b, 0.4)):
-        got = grads(lambda i, t, sc, m=mix: contrastive_loss(i, t, sc, mix=m, impl="triton"), img, txt, scale)
+        got = grads(lambda i, t, sc, m=mix: contrastive_loss(i, t, sc, mix=m, impl=impl), img, txt, scale)
         want = grads(lambda i, t, sc, m=mix: oracle_symmetric(i, t, sc, m), *as64(img, txt, scale))
         naive = None
         if dtype != torch.float32:

@@ -166,8 +166,10 @@ class TrainConfig:
 class LossConfig:
     """Which contrastive-loss implementation runs (see vlscale.loss)."""
 
-    impl: Literal["auto", "triton", "chunked", "reference"] = "auto"
-    """auto = Triton on a capable GPU, else chunked torch; naming one that cannot run is an error."""
+    impl: Literal["auto", "triton", "triton-banded", "triton-fused", "compiled", "chunked", "reference"] = "auto"
+    """auto = Triton on sm_80+, the compiled chunked tile on other GPUs (eager chunked when it does not
+    compile), chunked on CPU; the names are vlscale.loss.backends.registered_backends(); naming one
+    that cannot run is an error."""
 
 
 @dataclass

@@ -18,18 +18,22 @@ class TritonBackend:
     """Fused kernels: forward O(M+N) statistics, backward recomputes S tile by tile.
 
     ``settings`` fixes every tile size (tests); otherwise :func:`kern.kernel_settings` picks them per
-    shape and ``overrides`` (KernelSettings field names, e.g. ``block_n=128``) replace some of them
-    (benchmark tuning).
+    shape and ``overrides`` (KernelSettings field names, e.g. ``block_n=128`` or
+    ``backward="banded"``) replace some of them (benchmark tuning, the backward variants).
+    ``name`` is ``"triton"`` for the default backward, else ``"triton-<backward>"`` (the registered
+    impl names of :mod:`vlscale.loss.backends`).
     """
-
-    name = "triton"
 
     def __init__(self, settings: kern.KernelSettings | None = None, **overrides: object) -> None:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(kern.KernelSettings)}
         if unknown:
             raise ValueError(f"unknown kernel settings {sorted(unknown)}")
+        backward = settings.backward if settings is not None else overrides.get("backward", "shared")
+        if backward not in kern.BACKWARDS:
+            raise ValueError(f"backward must be one of {kern.BACKWARDS}, got {backward!r}")
         self.settings = settings
         self.overrides = overrides
+        self.name = "triton" if backward == kern.BACKWARDS[0] else f"triton-{backward}"
 
     def _cfg(self, q: Tensor, k: Tensor) -> kern.KernelSettings:
         if q.dtype == torch.float64:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vlscale.config import Config
+from vlscale.doctor import check_torch_build
 
 
 @dataclass
@@ -52,6 +53,9 @@ def init_runtime(cfg: Config) -> Runtime:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
+        # A torch build without kernels for this GPU (e.g. a V100 under the default CUDA 13 wheels)
+        # fails here, naming the fix, instead of at the first CUDA op.
+        check_torch_build(device)
         torch.cuda.set_device(device)
     owns = False
     if (world > 1 or cfg.engine.kind in ("deepspeed", "fsdp")) and not dist.is_initialized():
