@@ -41,6 +41,10 @@ _DS_OPTIONS = {
 }
 
 
+_V2 = ("vlscale runs FSDP2 (torch fully_shard) only; set fsdp_version: 2 (--fsdp_version 2), the other fsdp_* "
+       "settings carry over")
+
+
 @dataclass
 class AccelerateLaunch:
     """What an accelerate launch asks of vlscale, beyond the config fields it already set."""
@@ -179,12 +183,18 @@ def _fsdp(r: Resolver) -> AccelerateLaunch:
     try:
         plugin = FullyShardedDataParallelPlugin()
     except (ValueError, RuntimeError, ImportError) as exc:
+        try:  # FSDP1's defaults ask for a GPU (sync_module_states); read just its version then
+            version = FullyShardedDataParallelPlugin(sync_module_states=False, cpu_ram_efficient_loading=False).fsdp_version
+        except (ValueError, RuntimeError, ImportError):
+            version = None
+        if version not in (None, 2):
+            raise _refuse(f"--fsdp_version {version}", _V2) from exc
         raise ValueError(f"accelerate FSDP settings: {exc}") from exc
     if plugin.fsdp_version != 2:
-        raise _refuse(f"--fsdp_version {plugin.fsdp_version}", "vlscale runs FSDP2 (torch fully_shard) only; "
-                      "set fsdp_version: 2 (--fsdp_version 2) — the other fsdp_* settings carry over")
-    for attr, why in (("cpu_ram_efficient_loading", "vlscale builds (or loads) the towers on every rank"),
-                      ("activation_checkpointing_offload", "activations are checkpointed, not offloaded"),
+        raise _refuse(f"--fsdp_version {plugin.fsdp_version}", _V2)
+    # fsdp_cpu_ram_efficient_loading (on by default) only changes how transformers loads pretrained
+    # weights under accelerate's own FSDP wrapping; vlscale builds the towers identically on every rank.
+    for attr, why in (("activation_checkpointing_offload", "activations are checkpointed, not offloaded"),
                       ("ignored_modules", "every parameter of the dual encoder is sharded")):
         if getattr(plugin, attr):
             raise _refuse(f"--fsdp_{attr}", why)

@@ -265,7 +265,11 @@ def _reported(engine: Any) -> dict[str, Any]:
                 "offload_param": bool(raw.zero_offload_param()), "fp16": bool(raw.fp16_enabled()),
                 "bf16": bool(raw.bfloat16_enabled()), "world_size": int(raw.world_size)}
     if engine.kind == "fsdp":
-        return {"world_size": engine.world_size, "offload_params": bool(getattr(engine, "offload_params", False)),
+        try:  # the root's parameter group carries the policy fully_shard was given (private torch API)
+            policy = type(engine.module._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+        except AttributeError:
+            policy = "unknown"
+        return {"world_size": engine.world_size, "offload_policy": policy,
                 "param_dtype": str(getattr(engine, "param_dtype", None))}
     return {"world_size": engine.world_size}
 
