@@ -183,3 +183,53 @@ def test_plain_accelerate_launch_runs_the_local_engine() -> None:
 def test_options_vlscale_cannot_honour_fail_naming_them(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_launch(tiny(), environ=accelerate_env(["--num_processes", "2", *argv]))
+
+
+def test_user_ds_config_blocks_and_zero_offload_take_effect_in_the_engine(tmp_path: Path) -> None:
+    """One in-process DeepSpeed rank: the optimizer block's hyper-parameters reach torch AdamW, the
+    scheduler block's WarmupCosineLR drives the rates, the optimizer is offloaded (client AdamW)."""
+    import json
+
+    import torch
+
+    from vlscale.demo_data import build_demo_dataset
+    from vlscale.train.trainer import Trainer
+
+    shards = build_demo_dataset(tmp_path / "shards", n_train=24, n_eval=2, size=32)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.8, 0.9], "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 2, "total_num_steps": 4,
+                                                           "cos_min_ratio": 0.1}}}))
+    cfg = load_recipe("tiny-cpu", [
+        f"train.run_dir={tmp_path / 'run'}", f"data.train_shards={shards['train']}", "data.eval_shards=",
+        "data.num_workers=0", "model.vision_kwargs={\"patch_size\": 8, \"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2}",
+        "model.text_config={\"num_hidden_layers\": 1, \"hidden_size\": 32, \"num_attention_heads\": 2, "
+        "\"intermediate_size\": 64}", "model.embed_dim=16", "train.global_batch_size=8", "gradcache.chunk_size=4",
+        "train.steps=4", "train.log_every=1", "train.progress=false", "train.tensorboard=false",
+        f"engine.ds_config={ds}"])
+    trainer = Trainer(cfg, spec=resolve_launch(cfg, environ={}))
+    try:
+        raw = trainer.engine.raw
+        assert raw.zero_offload_optimizer() and raw.zero_optimization_stage() == 2
+        assert type(trainer.scheduler).__name__ == "WarmupCosineLR" and trainer.scheduler.org_lrs[0] == 2e-3
+        groups = raw.optimizer.optimizer.param_groups  # the torch AdamW under DeepSpeed's ZeRO wrapper
+        assert {g["betas"] for g in groups} == {(0.8, 0.9)} and {g["weight_decay"] for g in groups} == {0.0, 0.01}
+        trainer.fit()
+    finally:
+        trainer.close()
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    # The reference: DeepSpeed's own WarmupCosineLR with the block's values (linear warmup filled in),
+    # stepped once per optimizer step; its first iterations give 0 (warmup starts at iteration -1).
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    ref = WarmupCosineLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3), warmup_num_steps=2,
+                         total_num_steps=4, cos_min_ratio=0.1, warmup_type="linear")
+    want = []
+    for _ in range(4):
+        want.append(ref.get_last_lr()[0])
+        ref.step()
+    assert lrs == pytest.approx(want) and lrs[2] > 0, (lrs, want)
+    engine = json.loads((tmp_path / "run" / "engine.json").read_text())
+    assert engine["engine_reported"]["offload_optimizer"] and engine["lr_schedule"] == "deepspeed"
