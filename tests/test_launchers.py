@@ -93,16 +93,23 @@ def test_accelerate_without_flags_keeps_the_recipe_and_fills_a_non_deepspeed_rec
     assert spec.sources["engine.zero_stage"] == "accelerate zero_stage (its default)"
 
 
-@pytest.mark.parametrize(("yaml", "recipe", "world"), [("zerovl-v100.yaml", "zerovl-v100", 8), ("fsdp2.yaml", "fsdp2", 8)])
-def test_shipped_accelerate_configs_reproduce_their_recipes(yaml: str, recipe: str, world: int) -> None:
-    env = accelerate_env(["--config_file", str(ROOT / "launch" / "accelerate" / yaml)], world=world)
+TINY_CPU_ANSWERS = ["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2", "--offload_optimizer_device", "none",
+                    "--offload_param_device", "none", "--gradient_clipping", "1.0", "--mixed_precision", "no"]
+
+
+@pytest.mark.parametrize(("argv", "recipe", "world"), [
+    (["--config_file", str(ROOT / "launch" / "accelerate" / "zerovl-v100.yaml")], "zerovl-v100", 8),
+    (["--config_file", str(ROOT / "launch" / "accelerate" / "fsdp2.yaml")], "fsdp2", 8),
+    (TINY_CPU_ANSWERS, "tiny-cpu", 2)])
+def test_readme_accelerate_answers_reproduce_their_recipes(argv: list[str], recipe: str, world: int) -> None:
+    env = accelerate_env(argv, world=world)
     cfg = load_recipe(recipe)
     spec = resolve_launch(cfg, environ=env)
     assert spec.conflicts == [], spec.conflicts
     assert (spec.kind, spec.config.train.precision) == (cfg.engine.kind, cfg.train.precision)
     if spec.kind == "deepspeed":
         assert spec.ds_config["zero_optimization"]["stage"] == cfg.engine.zero_stage
-        assert spec.ds_config["fp16"]["enabled"]
+        assert spec.ds_config["fp16"]["enabled"] == (cfg.train.precision == "fp16")
     else:
         assert spec.fsdp.reshard_after_forward and not spec.fsdp.offload_params
         assert spec.config.model.grad_checkpointing
