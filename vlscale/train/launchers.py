@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,7 @@ def resolve_launch(cfg: Config, *, environ: Mapping[str, str] | None = None,
     """
     env = os.environ if environ is None else environ
     launcher = detect_launcher(env)
-    world = world_size or int(env.get("WORLD_SIZE", "1"))
+    world = world_size or (_group_size() if environ is None else None) or int(env.get("WORLD_SIZE", "1"))
     r = Resolver(cfg)
     acc = None
     if launcher == "accelerate":
@@ -321,6 +322,14 @@ def resolve_launch(cfg: Config, *, environ: Mapping[str, str] | None = None,
                       zero3_init=acc.zero3_init if acc is not None and acc.zero3_init is not None else True,
                       fsdp=acc.fsdp if acc is not None and acc.fsdp is not None else FSDPOptions(),
                       recipe=r.recipe, sources=r.sources, conflicts=r.conflicts, notes=r.notes)
+
+
+def _group_size() -> int | None:
+    """The world size of an already initialised process group (a caller that set one up itself)."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch just to ask
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return None
 
 
 def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
