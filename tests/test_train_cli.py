@@ -79,7 +79,8 @@ def test_python_m_vlscale_and_version() -> None:
 
 
 def _dry_run(script: str, **env: str) -> str:
-    full = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"DRY_RUN": "1", **env}
+    mine = ("PYTHON", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")  # in-process runs may set some
+    full = {k: v for k, v in os.environ.items() if k not in mine} | {"DRY_RUN": "1", **env}
     out = subprocess.run(["bash", str(ROOT / "launch" / script), "--recipe", "tiny-cpu", "train.steps=2"],
                          env=full, capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.strip()
