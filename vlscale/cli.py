@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("vlscale.data.cli", "build / inspect / verify Arrow shards"),
-    "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun)"),
+    "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun / accelerate launch)"),
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
 }
 
