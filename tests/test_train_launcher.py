@@ -1,6 +1,11 @@
-"""Two ranks under the real DeepSpeed launcher (``deepspeed --num_gpus 2 --module vlscale.train``, gloo on
-CPU): ZeRO-2, gradient cache, distributed loss, evaluation on rank 0, DeepSpeed checkpoints — and
-resuming from DeepSpeed's checkpoint of step 2 reproduces step 3's loss of the uninterrupted run.
+"""Two ranks under the real launchers (gloo on CPU), each run checked end to end.
+
+* ``deepspeed --num_gpus 2 --module vlscale.train``: ZeRO-2, gradient cache, distributed loss,
+  evaluation on rank 0, DeepSpeed checkpoints — resuming from step 2 reproduces step 3's loss;
+* ``accelerate launch --use_deepspeed --zero_stage 3 --offload_*_device cpu`` equals ``deepspeed``
+  with the same settings in a ``--deepspeed_config`` file, step for step;
+* ``accelerate launch --config_file`` with FSDP2 runs, and resumes on two accelerate "machines";
+* ``launch/torchrun.sh`` on two "nodes" reports a bad setting once.
 """
 
 from __future__ import annotations
@@ -8,9 +13,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlscale.demo import child_env, launch_command
 from vlscale.demo_data import build_demo_dataset
@@ -70,3 +77,144 @@ def test_deepspeed_launcher_zero2_two_ranks_and_exact_resume(tmp_path: Path) -> 
     again = _losses(resumed)
     assert sorted(again) == [3]
     assert again[3] == losses[3], f"resumed step 3 loss {again[3]!r} != uninterrupted {losses[3]!r}"
+
+
+# --------------------------------------------------------------------------- accelerate launch
+
+def _accelerate(args: list[str], train_args: list[str]) -> list[str]:
+    """``accelerate launch ... -m vlscale.train ...`` bound to this interpreter."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *args, "-m", "vlscale.train", *train_args]
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> str:
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, env=env or child_env(2), stdout=fh, stderr=subprocess.STDOUT, timeout=420)
+    text = log.read_text()
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def _settings(log: str) -> list[str]:
+    """The conflict lines a run printed (each must appear once: rank 0 only)."""
+    return [line.split("launch setting: ", 1)[1] for line in log.splitlines() if "launch setting: " in line]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_demo_dataset(tmp_path_factory.mktemp("shards"), n_train=40, n_eval=4, size=32)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_accelerate_zero3_offload_equals_the_deepspeed_launcher_with_a_ds_config(
+        shards: dict[str, Path], tmp_path: Path) -> None:
+    """`accelerate launch --use_deepspeed --zero_stage 3 --offload_*_device cpu` runs ZeRO-3 with the
+    optimizer and the parameters offloaded (DeepSpeed's checkpoint says so), with the same per-step
+    losses as `deepspeed --num_gpus 2 ... --deepspeed_config` holding the same settings."""
+    acc, ds_run = tmp_path / "accelerate", tmp_path / "deepspeed"
+    log = _run(_accelerate(["--num_processes", "2", "--main_process_port", str(_port()), "--use_deepspeed",
+                            "--zero_stage", "3", "--offload_optimizer_device", "cpu", "--offload_param_device", "cpu"],
+                           _overrides(shards, acc)), tmp_path / "accelerate.log")
+    assert _settings(log) == ["engine.zero_stage: 3 from accelerate zero_stage overrides 2 from the recipe tiny-cpu"]
+    engine = json.loads((acc / "engine.json").read_text())
+    assert (engine["launcher"], engine["world_size"], engine["zero_stage"]) == ("accelerate", 2, 3)
+    assert (engine["offload_optimizer"], engine["offload_param"]) == ("cpu", "cpu")
+    assert engine["sources"]["offload_optimizer"] == "accelerate offload_optimizer_device"
+    assert engine["engine_reported"] == {"zero_stage": 3, "offload_optimizer": True, "offload_param": True,
+                                              "fp16": False, "bf16": False, "world_size": 2}
+    states = torch.load(acc / "checkpoints" / "step_000003" / "engine" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    zero = states["ds_config"]["zero_optimization"]
+    assert (zero["stage"], zero["offload_optimizer"]["device"], zero["offload_param"]["device"]) == (3, "cpu", "cpu")
+    assert states["ds_config"]["zero_force_ds_cpu_optimizer"] is False
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                         "offload_param": {"device": "cpu"}}}))
+    log = _run(launch_command("deepspeed", 2, _port(), [*_overrides(shards, ds_run), "--deepspeed_config",
+                                                        str(ds_json)]), tmp_path / "deepspeed.log")
+    assert _settings(log) == [f"engine.zero_stage: 3 from ds_config {ds_json} overrides 2 from the recipe tiny-cpu"]
+    assert json.loads((ds_run / "engine.json").read_text())["launcher"] == "deepspeed"
+    a, d = _losses(acc), _losses(ds_run)
+    assert sorted(a) == sorted(d) == [1, 2, 3]
+    assert [a[s] for s in a] == pytest.approx([d[s] for s in a], rel=1e-6, abs=0), (a, d)
+
+
+FSDP_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+  fsdp_offload_params: true
+  fsdp_activation_checkpointing: true
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: Block,BertLayer
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+mixed_precision: bf16
+machine_rank: 0
+num_machines: 1
+num_processes: 2
+use_cpu: false
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_accelerate_fsdp2_config_file_runs_and_resumes_across_two_machines(
+        shards: dict[str, Path], tmp_path: Path) -> None:
+    """`accelerate launch --config_file` (FSDP2: CPU offload, activation checkpointing, per-layer wrap,
+    bf16) runs vlscale's FSDP2 engine on 2 gloo processes; its step-2 checkpoint, resumed by the same
+    config launched as two accelerate "machines" (--num_machines 2 --machine_rank 0|1), gives step 3's
+    loss exactly."""
+    yaml = tmp_path / "fsdp.yaml"
+    yaml.write_text(FSDP_YAML)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    log = _run(_accelerate(["--config_file", str(yaml), "--main_process_port", str(_port())],
+                           _overrides(shards, full, "train.ckpt_every=2")), tmp_path / "full.log")
+    assert _settings(log) == [
+        "engine.kind: 'fsdp' from accelerate use_fsdp overrides 'deepspeed ZeRO-2' from the recipe tiny-cpu",
+        "model.grad_checkpointing: True from accelerate fsdp_activation_checkpointing overrides False from the recipe tiny-cpu",
+        "train.precision: 'bf16' from accelerate mixed_precision overrides 'fp32' from the recipe tiny-cpu",
+    ]
+    engine = json.loads((full / "engine.json").read_text())
+    assert (engine["engine"], engine["precision"], engine["grad_checkpointing"]) == ("fsdp", "bf16", True)
+    assert engine["fsdp"] == {"reshard_after_forward": True, "offload_params": True,
+                              "shard_plan": "classes Block,BertLayer + towers + root"}
+    assert engine["engine_reported"]["offload_policy"] == "CPUOffloadPolicy"
+    losses = _losses(full)
+    assert sorted(losses) == [1, 2, 3]
+
+    port, procs = _port(), []
+    for machine in (0, 1):
+        cmd = _accelerate(["--config_file", str(yaml), "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                           str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+                          [*_overrides(shards, resumed), "--resume", str(full / "checkpoints" / "step_000002")])
+        fh = (tmp_path / f"machine{machine}.log").open("w")
+        procs.append((subprocess.Popen(cmd, env=child_env(1), stdout=fh, stderr=subprocess.STDOUT), fh))
+    for proc, fh in procs:
+        rc = proc.wait(timeout=420)
+        fh.close()
+        assert rc == 0, (tmp_path / f"machine{procs.index((proc, fh))}.log").read_text()[-4000:]
+    again = _losses(resumed)
+    assert sorted(again) == [3] and again[3] == losses[3], (again, losses)
+    assert json.loads((resumed / "engine.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.dist
+def test_torchrun_two_nodes_report_a_failure_once(tmp_path: Path) -> None:
+    """launch/torchrun.sh on two "nodes" of one machine (NNODES=2, NODE_RANK=0|1, MASTER_ADDR=127.0.0.1):
+    the two agents rendezvous and start global ranks 0 and 1; a bad launch setting is then reported in
+    one line by rank 0, with no traceback from any rank."""
+    missing = tmp_path / "missing.json"
+    env = child_env(1) | {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()),
+                          "PYTHON": sys.executable}
+    procs = [subprocess.Popen(["bash", "launch/torchrun.sh", "--recipe", "tiny-cpu", "--deepspeed_config", str(missing)],
+                              cwd=Path(__file__).resolve().parents[1], env=env | {"NODE_RANK": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs), outs
+    text = "\n".join(outs)
+    errors = [line for line in text.splitlines() if "vlscale train: error" in line]
+    assert errors == [f"vlscale train: error: --deepspeed_config / engine.ds_config: no such file {str(missing)!r} "
+                      "(--debug for the traceback)"], text
+    assert "vlscale/train" not in text  # no frame of vlscale's: no per-rank traceback

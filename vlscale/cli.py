@@ -11,14 +11,14 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("vlscale.data.cli", "build / inspect / verify Arrow shards"),
-    "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun)"),
+    "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun / accelerate launch)"),
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
     "doctor": ("vlscale.doctor", "torch build vs GPUs, the loss backend auto picks, DeepSpeed ops"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: vlscale <command> [args]", "", "commands:"]
+    lines = ["usage: vlscale [--version] <command> [args]   (also: python -m vlscale)", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from vlscale import __version__
+
+        print(f"vlscale {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -200,7 +200,8 @@ class EngineConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (only with kind='deepspeed')."""
     ds_config: str = ""
-    """Path to a user's own DeepSpeed JSON; checked against this config ('' = generate one)."""
+    """Path to a user's own DeepSpeed JSON (also ``--deepspeed_config``): it wins for what it sets, this
+    config fills the rest, each conflict is logged ('' = generate one; see vlscale.train.launchers)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend (auto = nccl on CUDA, else gloo)."""
 

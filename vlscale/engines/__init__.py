@@ -32,7 +32,7 @@ def build_engine(
     """Wrap ``model`` in the engine ``kind``; ``options`` go to the adapter's constructor.
 
     local: ``autocast_dtype``. deepspeed: ``coalesce`` (None = where supported).
-    fsdp: ``shard_modules``, ``param_dtype``, ``reshard_after_forward``.
+    fsdp: ``shard_modules``, ``param_dtype``, ``reshard_after_forward``, ``offload_params``.
     """
     if kind == "local":
         from vlscale.engines.local import LocalEngine

@@ -56,8 +56,9 @@ class FSDPEngine(EngineAdapter):
         shard_modules: ShardPlan = None,
         param_dtype: torch.dtype | None = None,
         reshard_after_forward: bool = True,
+        offload_params: bool = False,
     ) -> None:
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():
             raise ValueError("the fsdp engine needs an initialised process group (torch.distributed)")
@@ -74,6 +75,11 @@ class FSDPEngine(EngineAdapter):
             kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
             if mp is not None:
                 kwargs["mp_policy"] = mp
+            if offload_params:
+                # Sharded parameters, gradients and the optimizer step live in host memory; each
+                # module's parameters are copied to the device for its forward / backward. Pinned
+                # host memory needs CUDA, so it is used only there.
+                kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
             plan = shard_modules(model) if callable(shard_modules) else shard_modules
             for sub in plan if plan is not None else _default_plan(model):
                 fully_shard(sub, **kwargs)
@@ -81,7 +87,9 @@ class FSDPEngine(EngineAdapter):
         super().__init__(model, model, process_group)
         self.optimizer = build_optimizer(optimizer, model.parameters())
         self.lr_scheduler = lr_scheduler
-        log.info("fsdp engine: world_size=%d param_dtype=%s", self.world_size, param_dtype or "fp32")
+        self.param_dtype, self.offload_params = param_dtype, offload_params
+        log.info("fsdp engine: world_size=%d param_dtype=%s reshard_after_forward=%s cpu_offload=%s", self.world_size,
+                 param_dtype or "fp32", reshard_after_forward, offload_params)
 
     def forward(self, **inputs: Tensor) -> dict[str, Tensor]:
         return self.raw(**inputs)

@@ -33,7 +33,7 @@ from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
 from vlscale.train import checkpoint as ckpt
 from vlscale.train.build import build_model, full_shapes
-from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
+from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
@@ -50,18 +50,27 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """One training run (one rank of it). ``fit()`` returns a summary with the per-step losses."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, *, resume: str | None = None, spec: EngineSpec | None = None) -> None:
+        # The launcher's settings (accelerate, a user's ds_config) folded into the config first:
+        # everything below builds from the resolved config (vlscale.train.launchers).
+        self.spec = spec or resolve_launch(cfg)
+        self.cfg = cfg = self.spec.config
         self.rt: Runtime = init_runtime(cfg)
         setup_logging(self.rt.rank)
+        if self.rt.is_main:
+            self.spec.log()  # engine, stage, offload, precision, launcher; one line per conflict
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.micro, _, self.global_batch = resolve_batch(cfg.train, self.rt.world_size)
         resume_from = ckpt.resolve_resume(resume, self.ckpt_dir) if resume else None  # fail before building
-        self.ds_config = to_deepspeed_config(cfg, self.rt.world_size) if cfg.engine.kind == "deepspeed" else None
+        if self.rt.world_size != self.spec.world_size:
+            raise ValueError(f"the launch was resolved for {self.spec.world_size} ranks but torch.distributed has "
+                             f"{self.rt.world_size}")
+        self.ds_config = self.spec.ds_config
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build).
-        self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config)
+        # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build),
+        # unless the launcher said zero3_init=false.
+        self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config if self.spec.zero3_init else None)
         self.engine, self.optimizer, self.scheduler = self._build_engine()
         self.loader = self._build_loader()
         torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
@@ -86,25 +95,32 @@ class Trainer:
 
     # -- building ----------------------------------------------------------------------------
     def _build_engine(self) -> tuple[Any, torch.optim.Optimizer | None, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        if self.rt.is_main:  # engine.json + ds_config.json, also when building the engine fails
+            self.spec.write(self.run_dir)
+        engine, optimizer, scheduler = self._engine_of_spec()
+        if self.rt.is_main:  # again, with what the live engine reports
+            self.spec.write(self.run_dir, engine)
+        return engine, optimizer, scheduler
+
+    def _engine_of_spec(self) -> tuple[Any, torch.optim.Optimizer | None, Any]:
+        cfg, t, spec = self.cfg, self.cfg.train, self.spec
         opt_kwargs = {"lr": t.lr, "weight_decay": t.weight_decay, "betas": (t.beta1, t.beta2), "eps": t.eps}
         sched_kwargs = {"warmup": t.warmup_steps, "total": t.steps, "min_ratio": t.min_lr_ratio}
         kind, half = cfg.engine.kind, _HALF[t.precision]
         if kind == "fsdp":  # shards first, then builds the optimizer on the sharded parameters
             engine = build_engine("fsdp", self.model, optimizer=adamw_factory(self.model, **opt_kwargs),
-                                  process_group=self.rt.process_group, param_dtype=half)
+                                  process_group=self.rt.process_group, param_dtype=half,
+                                  reshard_after_forward=spec.fsdp.reshard_after_forward,
+                                  offload_params=spec.fsdp.offload_params, shard_modules=spec.fsdp.shard_modules)
             engine.lr_scheduler = build_scheduler(engine.optimizer, **sched_kwargs)
             return engine, engine.optimizer, engine.lr_scheduler
         with full_shapes(self.model):  # ZeRO-3 placeholders: the decay split needs the real ndim
             optimizer = build_adamw(self.model, **opt_kwargs)
-        scheduler = build_scheduler(optimizer, **sched_kwargs)
+        # A ds_config `scheduler` block is built by DeepSpeed itself (the user's file wins).
+        scheduler = None if spec.ds_scheduler else build_scheduler(optimizer, **sched_kwargs)
         if kind == "deepspeed":
-            ds_config = self.ds_config
-            if self.rt.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
             engine = build_engine("deepspeed", self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                  ds_config=ds_config)
+                                  ds_config=self.ds_config)
             # DeepSpeed wraps the optimizer and owns the scheduler; checkpoints go through it.
             return engine, None, engine.lr_scheduler
         engine = build_engine("local", self.model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -266,9 +282,9 @@ class Trainer:
         shutdown(self.rt)
 
 
-def train(cfg: Config, *, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: str | None = None, spec: EngineSpec | None = None) -> dict[str, Any]:
     """Build a :class:`Trainer`, run it, tear the process group down (also on errors)."""
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, spec=spec)
     try:
         return trainer.fit()
     finally:
