@@ -388,16 +388,28 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = _section_types()
     kwargs: dict[str, Any] = {}
     for name, values in raw.items():
-        if name in ("recipe", "description"):
+        if name in ("recipe", "description", "sources"):
             if name == "recipe":
                 kwargs["recipe"] = str(values)
+            if name == "sources":  # a recipe's provenance: "section.field" -> where the value comes from
+                _check_sources(values, sections)
             continue
         if name not in sections:
-            raise _unknown(name, [*sections, "recipe", "description"])
+            raise _unknown(name, [*sections, "recipe", "description", "sources"])
         if not isinstance(values, dict):
             raise ValueError(f"config: section {name!r} must be a mapping, got {type(values).__name__}")
         kwargs[name] = _build_section(sections[name], values, name)
     return Config(**kwargs)
+
+
+def _check_sources(sources: Any, sections: dict[str, type]) -> None:
+    """A recipe's ``sources`` must name real fields (a stale citation is an error, not a comment)."""
+    if not isinstance(sources, dict):
+        raise ValueError("config: 'sources' must map 'section.field' to where its value comes from")
+    for key in sources:
+        section, _, name = str(key).partition(".")
+        if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+            raise ValueError(f"config: sources names {key!r}, which is not a config field")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
