@@ -23,14 +23,6 @@ from vlscale.techniques import MaskedImageModeling, mim_loss
 from vlscale.techniques.mining import caption_terms, mine_vocabulary, top_concepts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads per op thrash on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(model: DualEncoder, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     words = ["a red circle", "blue square left", "green sky", "a dog on grass", "red ball right"]
