@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun / accelerate launch)"),
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
     "doctor": ("vlscale.doctor", "torch build vs GPUs, the loss backend auto picks, DeepSpeed ops"),
+    "concepts": ("vlscale.techniques.cli", "tag a shard set with ViCHA visual concepts mined by a checkpoint"),
 }
 
 

@@ -213,27 +213,77 @@ class EngineConfig:
 
 @dataclass
 class TechniquesConfig:
-    """Switches and weights of the paper techniques (see vlscale.techniques)."""
+    """Switches and weights of the paper techniques (see vlscale.techniques and docs/techniques.md)."""
 
+    contrastive_weight: float = 1.0
+    """Weight of the in-batch symmetric contrastive loss (0 = leave it out, e.g. BriVL's momentum-only
+    objective; some other term must then be on)."""
     mixup: bool = False
-    """ZeroVL coin-flipping mixup (pixels or text embeddings, soft targets)."""
+    """ZeroVL coin-flipping mixup (pixels or text embeddings, soft targets per term)."""
     mixup_alpha: float = 0.1
-    """Beta(alpha, alpha) parameter of the mixup coefficient."""
+    """Beta(alpha, alpha) parameter of the mixup coefficient (ZeroVL: 0.1)."""
     momentum_queue: int = 0
     """WenLan cross-modal momentum contrast: queue length K (0 = off)."""
     momentum: float = 0.99
-    """EMA coefficient of the momentum towers."""
-    hier_weight: float = 0.0
-    """ViCHA hierarchical alignment: weight of each intermediate-layer loss (0 = off)."""
+    """EMA coefficient of the momentum towers (BriVL: 0.99; ViCHA: 0.995)."""
+    momentum_candidates: Literal["batch_queue", "positive_queue"] = "batch_queue"
+    """Candidates per query: the batch's momentum keys + the queue (B + K; MoCo / ALBEF / ViCHA), or
+    BriVL's exact 1 + K (the query's own positive + the queue)."""
+    momentum_weight: float = 1.0
+    """Weight of the momentum-contrast term ½·(image→text + text→image)."""
+    hier_weight: float | list[float] = 0.0
+    """ViCHA hierarchical alignment: one weight for every intermediate level, or one per level
+    (ViCHA: 0.1 × [1, 1, 1, 1, 1]); 0 = off."""
     concept_prob: float = 0.0
-    """ViCHA visual concepts: probability of sampling the image's concepts into its caption."""
+    """ViCHA visual concepts: probability of keeping each of an image's concepts at training
+    (ViCHA samples 30%: ``randkw_p: 0.3``); evaluation feeds all of them (image_tokens mode)."""
+    concept_mode: Literal["caption", "image_tokens"] = "caption"
+    """Where sampled concepts go: appended to the caption (text side), or ViCHA's way — encoded by the
+    text tower and given to the image tower as extra tokens (needs model.concept_tokens > 0)."""
+    max_concepts: int = 8
+    """At most this many sampled concepts per image at training."""
+    mim_weight: float = 0.0
+    """ViCHA masked image modeling: weight of the per-chunk MAE loss (ViCHA: 1; 0 = off; needs
+    model.mim_decoder_depth > 0 and a timm ViT)."""
+    mim_mask_ratio: float = 0.75
+    """Fraction of patches removed for masked image modeling (ViCHA / MAE: 0.75)."""
+    mim_norm_pix: bool = True
+    """Reconstruct per-patch normalised pixels (MAE's norm_pix_loss, as ViCHA)."""
 
     def __post_init__(self) -> None:
         _check(self.mixup_alpha > 0, "techniques.mixup_alpha", f"must be > 0, got {self.mixup_alpha}")
         _check(self.momentum_queue >= 0, "techniques.momentum_queue", f"must be >= 0, got {self.momentum_queue}")
         _check(0.0 <= self.momentum < 1.0, "techniques.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(self.hier_weight >= 0, "techniques.hier_weight", f"must be >= 0, got {self.hier_weight}")
+        weights = self.hier_weight if isinstance(self.hier_weight, list) else [self.hier_weight]
+        _check(all(w >= 0 for w in weights), "techniques.hier_weight", f"must be >= 0, got {self.hier_weight}")
         _check(0.0 <= self.concept_prob <= 1.0, "techniques.concept_prob", f"must be in [0, 1], got {self.concept_prob}")
+        for name in ("contrastive_weight", "momentum_weight", "mim_weight"):
+            _check(getattr(self, name) >= 0, f"techniques.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.max_concepts >= 1, "techniques.max_concepts", f"must be >= 1, got {self.max_concepts}")
+        _check(0.0 < self.mim_mask_ratio < 1.0, "techniques.mim_mask_ratio", f"must be in (0, 1), got {self.mim_mask_ratio}")
+
+    @property
+    def hier_on(self) -> bool:
+        """Hierarchical alignment is on (some level weight > 0)."""
+        weights = self.hier_weight if isinstance(self.hier_weight, list) else [self.hier_weight]
+        return any(w > 0 for w in weights)
+
+
+def _check_techniques(cfg: Config) -> None:
+    """Technique switches that need the model built for them (checked before anything is built)."""
+    t, m = cfg.techniques, cfg.model
+    _check(not t.hier_on or m.n_hier > 0, "techniques.hier_weight",
+           "> 0 needs model.hier_levels (or hier_image_layers / hier_text_layers)")
+    if isinstance(t.hier_weight, list) and t.hier_on:
+        _check(len(t.hier_weight) == m.n_hier, "techniques.hier_weight",
+               f"has {len(t.hier_weight)} weights for {m.n_hier} hierarchical levels")
+    _check((t.concept_mode == "image_tokens") == (m.concept_tokens > 0), "techniques.concept_mode",
+           f"={t.concept_mode!r} needs model.concept_tokens {'> 0' if t.concept_mode == 'image_tokens' else '= 0'} "
+           f"(got {m.concept_tokens})")
+    _check(t.mim_weight == 0 or m.mim_decoder_depth > 0, "techniques.mim_weight",
+           "> 0 needs model.mim_decoder_depth > 0")
+    on = t.contrastive_weight > 0 or (t.momentum_queue and t.momentum_weight > 0)
+    _check(bool(on), "techniques.contrastive_weight", "is 0 and no momentum term is on: nothing to train")
 
 
 @dataclass
@@ -284,6 +334,7 @@ class Config:
             self.model = model_config_class()()
         _check(self.engine.kind == "deepspeed" or self.train.precision != "fp16", "train.precision",
                "fp16 needs dynamic loss scaling, which only engine.kind='deepspeed' provides; use bf16 or fp32")
+        _check_techniques(self)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -377,16 +428,28 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = _section_types()
     kwargs: dict[str, Any] = {}
     for name, values in raw.items():
-        if name in ("recipe", "description"):
+        if name in ("recipe", "description", "sources"):
             if name == "recipe":
                 kwargs["recipe"] = str(values)
+            if name == "sources":  # a recipe's provenance: "section.field" -> where the value comes from
+                _check_sources(values, sections)
             continue
         if name not in sections:
-            raise _unknown(name, [*sections, "recipe", "description"])
+            raise _unknown(name, [*sections, "recipe", "description", "sources"])
         if not isinstance(values, dict):
             raise ValueError(f"config: section {name!r} must be a mapping, got {type(values).__name__}")
         kwargs[name] = _build_section(sections[name], values, name)
     return Config(**kwargs)
+
+
+def _check_sources(sources: Any, sections: dict[str, type]) -> None:
+    """A recipe's ``sources`` must name real fields (a stale citation is an error, not a comment)."""
+    if not isinstance(sources, dict):
+        raise ValueError("config: 'sources' must map 'section.field' to where its value comes from")
+    for key in sources:
+        section, _, name = str(key).partition(".")
+        if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+            raise ValueError(f"config: sources names {key!r}, which is not a config field")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

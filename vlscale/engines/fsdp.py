@@ -30,7 +30,13 @@ ShardPlan = Iterable[nn.Module] | Callable[[nn.Module], Iterable[nn.Module]] | N
 
 
 def _default_plan(model: nn.Module) -> list[nn.Module]:
-    return [child for child in model.children() if any(True for _ in child.parameters())]
+    """Every direct child holding parameters; a container child (ModuleList / ModuleDict: no forward
+    of its own, which fully_shard refuses — e.g. the hierarchical heads) contributes its items."""
+    plan: list[nn.Module] = []
+    for child in model.children():
+        items = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+        plan += [m for m in items if any(True for _ in m.parameters())]
+    return plan
 
 
 def _mesh(process_group: dist.ProcessGroup | None, device_type: str) -> Any:

@@ -47,7 +47,10 @@ def embed_dataset(model: nn.Module, loader: Iterable[Any], *, group_by: GroupBy 
     ``loader`` yields batches with ``pixels``, ``tokens``, ``attention_mask`` (a
     ``vlscale.data.Batch`` or a dict); one batch at a time is on the device. The model runs in
     eval mode (restored afterwards). Which forwards run depends only on the data, so under
-    ZeRO-3 / FSDP (collective forwards) every rank must iterate the same loader."""
+    ZeRO-3 / FSDP (collective forwards) every rank must iterate the same loader.
+
+    A model that takes ViCHA visual concepts as image tokens (``model.concept_inputs(concepts)``
+    returns them; ``{}`` otherwise) gets every image's concepts from the batch's ``concepts``."""
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     was_training = model.training
@@ -74,7 +77,8 @@ def embed_dataset(model: nn.Module, loader: Iterable[Any], *, group_by: GroupBy 
             with _autocast(device, autocast_dtype):
                 if new_rows:
                     sel = torch.tensor(new_rows, dtype=torch.long, device=pixels.device)
-                    out = model(pixels=pixels.index_select(0, sel).to(device, non_blocking=True))
+                    extra = _concept_inputs(model, batch, new_rows, device)
+                    out = model(pixels=pixels.index_select(0, sel).to(device, non_blocking=True), **extra)
                     img_chunks.append(out["image"].float().cpu())
                 out = model(tokens=tokens.to(device), attention_mask=None if mask is None else mask.to(device))
                 txt_chunks.append(out["text"].float().cpu())
@@ -83,6 +87,16 @@ def embed_dataset(model: nn.Module, loader: Iterable[Any], *, group_by: GroupBy 
     if not txt_chunks:
         raise ValueError("embed_dataset: the loader yielded no batches")
     return torch.cat(img_chunks), torch.cat(txt_chunks), torch.tensor(t2i, dtype=torch.long)
+
+
+def _concept_inputs(model: nn.Module, batch: Any, rows: list[int], device: torch.device) -> dict[str, Tensor]:
+    """Concept-token inputs of ``rows`` for a model that takes them (ViCHA, train and eval alike)."""
+    fn = getattr(model, "concept_inputs", None)
+    if fn is None:
+        return {}
+    concepts = _field(batch, "concepts")
+    out = fn(None if concepts is None else [concepts[r] for r in rows])
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:

@@ -4,6 +4,6 @@
 big contrastive batch while holding the activations of one chunk at a time; see :mod:`.cache`.
 """
 
-from vlscale.gradcache.cache import TOWER_INPUTS, GradCache, LossFn, StepResult
+from vlscale.gradcache.cache import TOWER_INPUTS, ChunkContext, ChunkLossFn, GradCache, LossFn, StepResult
 
-__all__ = ["TOWER_INPUTS", "GradCache", "LossFn", "StepResult"]
+__all__ = ["TOWER_INPUTS", "ChunkContext", "ChunkLossFn", "GradCache", "LossFn", "StepResult"]

@@ -24,6 +24,14 @@ output, freed once the loss has been differentiated) and their cached gradients.
 
 BatchNorm: chunks are normalised with per-chunk statistics (ghost batch norm, warned about once);
 running statistics move once per step, in the no-grad pass only (see :mod:`.batchnorm`).
+
+Per-chunk losses (``step(..., chunk_loss=fn)``): objectives that need a chunk's inputs and a graph
+but not the whole batch — e.g. ViCHA's masked image modeling — are added by a hook that runs in
+pass 3, right after each chunk's re-forward, under that chunk's replayed RNG state
+(:class:`ChunkContext`). Its scalar joins the chunk's surrogate, so its gradient is added exactly
+once (never in the no-grad pass). In the plain path it runs once per tower over the whole batch,
+after the forward. The hook's values are a rank-local objective whose gradient the engines average
+over ranks like every other gradient; the step's reported loss adds their mean over ranks.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
 
 # Which inputs belong to which tower: a chunk forward carries one tower's inputs only.
-TOWER_INPUTS: dict[str, tuple[str, ...]] = {"image": ("pixels",), "text": ("tokens", "attention_mask")}
+TOWER_INPUTS: dict[str, tuple[str, ...]] = {"image": ("pixels", "concept_tokens", "concept_mask"),
+                                            "text": ("tokens", "attention_mask")}
 _PRIMARY = {"image": "pixels", "text": "tokens"}
 
 
@@ -55,6 +64,26 @@ class StepResult:
     metrics: dict[str, float]
     num_chunks: dict[str, int] = field(default_factory=dict)
     finite: bool = True
+
+
+@dataclass
+class ChunkContext:
+    """What a per-chunk loss hook sees: one chunk of one tower, during its re-forward with a graph.
+
+    ``inputs`` are on the engine's device, ``outputs`` carry the graph; ``forward`` runs the model
+    through the engine (an extra forward of this chunk, e.g. a masked one, whose parameters get
+    gathered and reduced like any other); rows ``[start, stop)`` of the tower's ``batch_size``."""
+
+    tower: str
+    start: int
+    stop: int
+    batch_size: int
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    forward: Callable[..., dict[str, Tensor]]
+
+
+ChunkLossFn = Callable[[ChunkContext], "Tensor | None"]
 
 
 @dataclass
@@ -102,8 +131,9 @@ class GradCache:
         self._host_logged = False
 
     # -- public ------------------------------------------------------------------------------
-    def step(self, inputs: dict[str, Tensor], loss_fn: LossFn) -> StepResult:
-        """Accumulate the gradient of ``loss_fn`` over the whole batch into the engine.
+    def step(self, inputs: dict[str, Tensor], loss_fn: LossFn, *, chunk_loss: ChunkLossFn | None = None) -> StepResult:
+        """Accumulate the gradient of ``loss_fn`` (plus ``chunk_loss`` per chunk) over the whole
+        batch into the engine.
 
         ``inputs`` may be on the engine's device or on the host (pin them for asynchronous
         copies): only the chunk about to run is moved to ``engine.device``."""
@@ -111,7 +141,7 @@ class GradCache:
         device = self.engine.device
         self._log_placement(towers, device)
         if self.plain:
-            return self._plain_step(inputs, loss_fn, device)
+            return self._plain_step(inputs, loss_fn, device, chunk_loss)
         chunks, embs = self._embed(towers, device)
         loss, metrics, grads = _loss_and_grads(loss_fn, embs)
         del embs  # the replay needs only the gradients: keep one O(B·D) set on the device
@@ -120,9 +150,25 @@ class GradCache:
             # Still back-propagate: an fp16 engine must see the overflow to skip the step and
             # lower its loss scale exactly as for a plain step.
             log.warning("gradcache: non-finite loss or embedding gradient (loss=%s)", float(loss))
-        self._replay(towers, chunks, grads, device)
+        extra = self._replay(towers, chunks, grads, device, chunk_loss)
         counts = {t: sum(c.tower == t for c in chunks) for t in towers}
-        return StepResult(loss.detach(), metrics, counts, finite)
+        return self._result(loss, metrics, counts, finite, extra)
+
+    def _result(self, loss: Tensor, metrics: dict[str, float], counts: dict[str, int], finite: bool,
+                extra: Tensor | None) -> StepResult:
+        """The step's outcome; per-chunk loss values (rank-local) join the loss as their rank mean."""
+        loss = loss.detach().float().reshape(())
+        if extra is not None:
+            extra = extra.detach().float().reshape(1).to(loss.device)
+            if self.engine.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(extra, group=self.engine.process_group)
+                extra /= self.engine.world_size
+            metrics = {**metrics, "chunk_loss": float(extra)}
+            loss = loss + extra.reshape(())
+            finite = finite and bool(torch.isfinite(loss))
+        return StepResult(loss, metrics, counts, finite)
 
     # -- pass 1: embed without a graph ---------------------------------------------------------
     def _chunk_size(self, tower: str, batch: int) -> int:
@@ -170,8 +216,9 @@ class GradCache:
 
     # -- pass 3: re-forward and back-propagate the surrogate ----------------------------------
     def _replay(self, towers: dict[str, dict[str, Tensor]], chunks: list[_Chunk], grads: dict[str, Tensor],
-                device: torch.device) -> None:
+                device: torch.device, chunk_loss: ChunkLossFn | None) -> Tensor | None:
         last = len(chunks) - 1
+        total: Tensor | None = None
         with batchnorm.frozen(self._batchnorms()), self.engine.accumulate(), rng.preserved(device):
             for i, chunk in enumerate(chunks):
                 boundary = i == last
@@ -181,8 +228,17 @@ class GradCache:
                     tin = transfer.chunk_to(towers[chunk.tower], chunk.start, chunk.stop, device)
                     out = self.engine.forward(**tin)
                     surrogate = self._surrogate(out, grads, chunk, boundary)
+                    if chunk_loss is not None:
+                        rows = towers[chunk.tower][_PRIMARY[chunk.tower]].shape[0]
+                        ctx = ChunkContext(chunk.tower, chunk.start, chunk.stop, rows, tin, out, self.engine.forward)
+                        extra = _check_chunk_loss(chunk_loss(ctx))
+                        if extra is not None:
+                            surrogate = surrogate + extra.float()
+                            total = extra.detach() if total is None else total + extra.detach()
+                        del ctx, extra
                     self.engine.backward(surrogate, boundary=boundary)
                     del out, surrogate, tin  # free this chunk's graph and inputs before the next one
+        return total
 
     def _surrogate(self, out: dict[str, Tensor], grads: dict[str, Tensor], chunk: _Chunk, last: bool) -> Tensor:
         """⟨outputs, cached gradient⟩ for this chunk; the global keys join on the last chunk only."""
@@ -204,19 +260,30 @@ class GradCache:
         return torch.stack(terms).sum()
 
     # -- reference path ----------------------------------------------------------------------
-    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn, device: torch.device) -> StepResult:
+    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn, device: torch.device,
+                    chunk_loss: ChunkLossFn | None) -> StepResult:
         """One forward over the whole batch with a graph, one backward: the exact reference.
         (Host-resident inputs are moved whole here: this path holds the whole batch by design.)"""
         moved = {k: v if v is None or transfer.on_device(v, device) else transfer.move(v, device)
                  for k, v in inputs.items()}
+        extra: Tensor | None = None
         with self.engine.micro_step(boundary=True):
             out = self.engine.forward(**moved)
             embs = {k: v.float() for k, v in out.items()}
             loss, metrics = loss_fn(embs)
             _check_loss(loss)
-            self.engine.backward(loss.float(), boundary=True)
+            total = loss.float()
+            if chunk_loss is not None:  # the whole batch is one chunk per tower
+                for tower, tin in _split_inputs(moved).items():
+                    rows = tin[_PRIMARY[tower]].shape[0]
+                    term = _check_chunk_loss(chunk_loss(ChunkContext(tower, 0, rows, rows, tin, out,
+                                                                     self.engine.forward)))
+                    if term is not None:
+                        total = total + term.float()
+                        extra = term.detach() if extra is None else extra + term.detach()
+            self.engine.backward(total, boundary=True)
         counts = {t: 1 for t in _split_inputs(inputs)}
-        return StepResult(loss.detach().float(), metrics, counts, bool(torch.isfinite(loss)))
+        return self._result(loss, metrics, counts, bool(torch.isfinite(loss)), extra)
 
     # -- BatchNorm -----------------------------------------------------------------------------
     def _batchnorms(self) -> list[batchnorm.BatchNorm]:
@@ -299,6 +366,15 @@ def _check_loss(loss: Tensor) -> None:
                          f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}")
 
 
+def _check_chunk_loss(value: object) -> Tensor | None:
+    if value is None:
+        return None
+    if not torch.is_tensor(value) or value.numel() != 1:
+        raise ValueError(f"gradcache: chunk_loss must return a scalar tensor or None, got {type(value).__name__}"
+                         f"{tuple(value.shape) if torch.is_tensor(value) else ''}")
+    return value.reshape(())
+
+
 def _loss_and_grads(loss_fn: LossFn, embs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
     """The loss over all embeddings (fp32 leaves) and its gradient w.r.t. each of them."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in embs.items()}
@@ -315,4 +391,4 @@ def _loss_and_grads(loss_fn: LossFn, embs: dict[str, Tensor]) -> tuple[Tensor, d
     return loss.detach().float().reshape(()), metrics, out
 
 
-__all__ = ["TOWER_INPUTS", "GradCache", "LossFn", "StepResult"]
+__all__ = ["TOWER_INPUTS", "ChunkContext", "ChunkLossFn", "GradCache", "LossFn", "StepResult"]

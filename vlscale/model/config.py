@@ -91,6 +91,41 @@ class ModelConfig:
     hier_text_layers: tuple[int, ...] = ()
     """The text tower's 0-based layer indices paired with ``hier_image_layers`` (same length)."""
 
+    hier_levels: int = 0
+    """ViCHA's default layer pairing, used when ``hier_image_layers`` / ``hier_text_layers`` are empty:
+    the ``hier_levels`` layers just below the last one in each tower, lowest with lowest (layers
+    ``-(n+1) … -2`` of both). ViCHA aligns 5 levels (official ``configs/Pretrain.yaml``
+    ``num_hidden_align: 5``; ``hidden_states_ita`` pairs ``[-(n+1):-1]`` of both towers): ViT-B/16
+    blocks 6–10 with BERT layers 6–10 here (0-based). 0 = only the explicit lists."""
+
+    freeze_image_layers: int = 0
+    """Freeze the vision tower's stem and its first N block groups (timm coarse groups: ViT blocks,
+    CNN stages); frozen parameters get no gradient and no optimizer state. BriVL trains only
+    EfficientNet stages 3–6 (N = 3). 0 = train everything."""
+
+    freeze_text_layers: int = 0
+    """Freeze the text tower's embeddings and its first N layers (BriVL: 8 of RoBERTa-base's 12)."""
+
+    concept_tokens: int = 0
+    """ViCHA visual concepts as image-side tokens: the image's concept words, tokenised to at most this
+    many tokens (ViCHA: 55), are encoded by the text tower's embeddings + first ``concept_layers``
+    layers, projected to the vision width and appended to the patch tokens (a timm ViT). Fed at
+    training (sampled) and evaluation (all). 0 = off (``techniques.concept_mode`` must then not be
+    ``image_tokens``)."""
+
+    concept_layers: int = 2
+    """Text-tower layers that encode the concept tokens (ViCHA: ``num_hidden_layers_kw: 2``; 0 = the
+    token embeddings only). The layers are the text tower's own (shared weights)."""
+
+    mim_decoder_depth: int = 0
+    """Blocks of the masked-image-modeling decoder (ViCHA: 2); 0 = no decoder (MIM off)."""
+
+    mim_decoder_width: int = 0
+    """Width of the MIM decoder (0 = the vision tower's width; ViCHA: 768)."""
+
+    mim_decoder_heads: int = 16
+    """Attention heads of the MIM decoder blocks (ViCHA: 16)."""
+
     drop_path_rate: float = 0.0
     """Stochastic depth in the vision tower."""
 
@@ -119,6 +154,19 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ModelConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for name in ("hier_levels", "freeze_image_layers", "freeze_text_layers", "concept_tokens",
+                     "concept_layers", "mim_decoder_depth", "mim_decoder_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")
+        if self.mim_decoder_heads < 1:
+            raise ValueError(f"ModelConfig.mim_decoder_heads must be >= 1, got {self.mim_decoder_heads}")
+        if self.hier_levels and not self.hier_image_layers and not self.hier_text_layers:
+            default = tuple(range(-(self.hier_levels + 1), -1))  # the n layers below the last, in order
+            self.hier_image_layers, self.hier_text_layers = default, default
+        elif self.hier_levels and len(self.hier_image_layers) != self.hier_levels:
+            raise ValueError(f"ModelConfig.hier_levels={self.hier_levels} but hier_image_layers has "
+                             f"{len(self.hier_image_layers)} entries: give one or the other")
         if len(self.hier_image_layers) != len(self.hier_text_layers):
             raise ValueError(
                 "ModelConfig.hier_image_layers and hier_text_layers must pair up (same length), got "

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlscale.model import freeze, vit
 from vlscale.model.attention import resolve_attn_impl
 from vlscale.model.config import ModelConfig, hier_key
 from vlscale.model.heads import ProjectionHead
+from vlscale.model.mim import MimDecoder, patchify
 from vlscale.model.tokenizer import build_tokenizer
 from vlscale.model.towers import TextTower, VisionTower
 
@@ -45,6 +47,14 @@ class DualEncoder(nn.Module):
             ProjectionHead(w, e, cfg.proj, pre_norm=True) for w in self.visual.hier_widths)
         self.text_hier_proj = nn.ModuleList(
             ProjectionHead(w, e, cfg.proj, pre_norm=True) for w in self.textual.hier_widths)
+        # ViCHA visual concepts as image tokens: text-tower states projected to the vision width.
+        self.concept_proj = nn.Linear(self.textual.width, self.visual.width) if cfg.concept_tokens else None
+        self.mim_decoder = _mim_decoder(cfg, self.visual) if cfg.mim_decoder_depth else None
+        frozen = (freeze.freeze_vision_layers(self.visual.trunk, cfg.freeze_image_layers)
+                  + freeze.freeze_text_layers(self.textual.trunk, cfg.freeze_text_layers))
+        if frozen:
+            log.info("DualEncoder: froze %.2fM parameters (first %d vision / %d text layers)", frozen / 1e6,
+                     cfg.freeze_image_layers, cfg.freeze_text_layers)
         # Shape [1], not []: DeepSpeed's parameter broadcast breaks on 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)),
                                         requires_grad=cfg.learn_logit_scale)
@@ -54,25 +64,71 @@ class DualEncoder(nn.Module):
                  sum(p.numel() for p in self.parameters()) / 1e6)
 
     def forward(self, pixels: Tensor | None = None, tokens: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+                attention_mask: Tensor | None = None, concept_tokens: Tensor | None = None,
+                concept_mask: Tensor | None = None, mim_pixels: Tensor | None = None,
+                mim_keep: Tensor | None = None) -> dict[str, Tensor]:
+        """``concept_tokens`` / ``concept_mask`` (B, Lc): the images' concept words (ViCHA, with
+        ``ModelConfig.concept_tokens``). ``mim_pixels`` + ``mim_keep`` (B, K): the masked-image-modeling
+        forward instead, returning ``mim_pred`` / ``mim_target`` (B, patches, patch²·3)."""
+        if mim_pixels is not None:
+            if pixels is not None or tokens is not None or mim_keep is None:
+                raise ValueError("DualEncoder.forward: mim_pixels goes with mim_keep and nothing else")
+            return {**self.masked_image_modeling(mim_pixels, mim_keep), "logit_scale": self.scale()}
         if pixels is None and tokens is None:
             raise ValueError("DualEncoder.forward needs pixels and/or tokens")
         if attention_mask is not None and tokens is None:
             raise ValueError("DualEncoder.forward got attention_mask without tokens")
+        if concept_tokens is not None and pixels is None:
+            raise ValueError("DualEncoder.forward got concept_tokens without pixels")
         out: dict[str, Tensor] = {}
         if pixels is not None:
-            out.update(self.encode_image(pixels))
+            out.update(self.encode_image(pixels, concept_tokens, concept_mask))
         if tokens is not None:
             out.update(self.encode_text(tokens, attention_mask))
         out["logit_scale"] = self.scale()
         return out
 
-    def encode_image(self, pixels: Tensor) -> dict[str, Tensor]:
-        """``image`` (+ ``image_hier…``) embeddings, L2-normalised."""
+    def encode_image(self, pixels: Tensor, concept_tokens: Tensor | None = None,
+                     concept_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``image`` (+ ``image_hier…``) embeddings, L2-normalised; with the images' concept tokens
+        when the model was built for them (ViCHA)."""
         if pixels.dim() != 4:
             raise ValueError(f"pixels must be (B, C, H, W), got shape {tuple(pixels.shape)}")
-        pooled, hier = self.visual(pixels)
+        if concept_tokens is None:
+            pooled, hier = self.visual(pixels)
+        else:
+            if self.concept_proj is None:
+                raise ValueError("concept_tokens given but the model has no concept path: set "
+                                 "model.concept_tokens > 0")
+            if concept_tokens.shape[0] != pixels.shape[0]:
+                raise ValueError(f"concept_tokens batch {concept_tokens.shape[0]} != pixels batch {pixels.shape[0]}")
+            states, _ = self.textual(concept_tokens, concept_mask, prefix_layers=self.cfg.concept_layers)
+            pooled, hier = self.visual(pixels, self.concept_proj(states), concept_mask)
         return self._project("image", pooled, hier, self.image_proj, self.image_hier_proj)
+
+    def concept_inputs(self, concepts: list[list[str]] | None) -> dict[str, Tensor]:
+        """``concept_tokens`` / ``concept_mask`` for a batch's concept lists (every concept, in order,
+        space-separated, truncated to ``concept_tokens``); ``{}`` when the model has no concept path.
+        Evaluation feeds these (ViCHA feeds all concepts at test time)."""
+        if self.concept_proj is None:
+            return {}
+        if concepts is None:
+            raise ValueError("this model takes visual concepts as image tokens (model.concept_tokens > 0) but "
+                             "the data has no 'concepts' column: mine them with `vlscale concepts`")
+        if self.tokenizer is None:
+            raise ValueError("concept tokens need the model's tokenizer")
+        texts = [" ".join(c.strip() for c in cs if c and c.strip()) for cs in concepts]
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.concept_tokens,
+                             return_tensors="pt")
+        return {"concept_tokens": enc["input_ids"], "concept_mask": enc["attention_mask"]}
+
+    def masked_image_modeling(self, pixels: Tensor, keep: Tensor) -> dict[str, Tensor]:
+        """Predictions of every patch from the ``keep`` (B, K) patches, and the pixel targets."""
+        if self.mim_decoder is None:
+            raise ValueError("masked image modeling needs model.mim_decoder_depth > 0")
+        latent, _ = self.visual(pixels, mim_keep=keep)
+        return {"mim_pred": self.mim_decoder(latent, keep),
+                "mim_target": patchify(pixels, vit.patch_size(self.visual.trunk))}
 
     def encode_text(self, tokens: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
         """``text`` (+ ``text_hier…``) embeddings, L2-normalised."""
@@ -110,6 +166,14 @@ class DualEncoder(nn.Module):
         if tower not in ("image", "text"):
             raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
         return [tower] + [hier_key(tower, i) for i in range(self.cfg.n_hier)]
+
+
+def _mim_decoder(cfg: ModelConfig, visual: VisionTower) -> MimDecoder:
+    vit.check_vit(visual.trunk, "masked image modeling")
+    n_prefix = int(getattr(visual.trunk, "num_prefix_tokens", 1))
+    return MimDecoder(visual.width, vit.num_patches(visual.trunk), vit.patch_size(visual.trunk),
+                      dim=cfg.mim_decoder_width or visual.width, depth=cfg.mim_decoder_depth,
+                      heads=cfg.mim_decoder_heads, num_prefix=n_prefix)
 
 
 def _maybe_tokenizer(cfg: ModelConfig) -> Any | None:

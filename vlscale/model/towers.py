@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from vlscale.model import freeze, vit
 from vlscale.model.attention import apply_timm_attention, hf_attn_implementation
 from vlscale.model.config import ModelConfig
 
@@ -122,7 +123,17 @@ class VisionTower(nn.Module):
             self.hier_idx = _resolve_layers(cfg.hier_image_layers, len(info), "image")
             self.hier_widths = [int(info[i]["num_chs"]) for i in self.hier_idx]
 
-    def forward(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, pixels: Tensor, extra: Tensor | None = None, extra_mask: Tensor | None = None, *,
+                mim_keep: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """(pooled feature, hierarchical features). ``extra`` (B, T, width): tokens appended after the
+        patch tokens (ViCHA concepts; ``extra_mask`` marks padding with 0). ``mim_keep`` (B, K): run
+        the masked-image-modeling encoder on those patches instead: returns (latent tokens, [])."""
+        if mim_keep is not None:
+            vit.check_vit(self.trunk, "masked image modeling")
+            return vit.forward_masked(self.trunk, pixels, mim_keep), []
+        if extra is not None:
+            vit.check_vit(self.trunk, "concept tokens")
+            return vit.forward_with_tokens(self.trunk, pixels, extra, extra_mask, self.hier_idx)
         if not self.hier_idx:
             return self.trunk(pixels), []
         prefix = int(getattr(self.trunk, "num_prefix_tokens", 0) or 0)
@@ -229,15 +240,36 @@ class TextTower(nn.Module):
         self.hier_idx = _resolve_layers(cfg.hier_text_layers, int(config.num_hidden_layers), "text")
         self.hier_widths = [self.width] * len(self.hier_idx)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None, *,
+                prefix_layers: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """(pooled feature, hierarchical features); with ``prefix_layers`` = n: every token's state
+        (B, L, width) after the embeddings and the first n layers only (ViCHA concept tokens)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
+        if prefix_layers is not None:
+            return self._prefix_states(tokens, attention_mask, prefix_layers), []
         out = self.trunk(input_ids=tokens, attention_mask=attention_mask,
                          output_hidden_states=bool(self.hier_idx), return_dict=True)
         pooled = self._pool(out.last_hidden_state, attention_mask)
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
         hier = [self._pool(out.hidden_states[i + 1], attention_mask) for i in self.hier_idx]
         return pooled, hier
+
+    def _prefix_states(self, tokens: Tensor, mask: Tensor, n: int) -> Tensor:
+        if n == 0:
+            emb = freeze.text_embeddings(self.trunk)
+            return emb(tokens) if isinstance(emb, nn.Embedding) else emb(input_ids=tokens)
+        layers = freeze.text_layer_list(self.trunk)
+        if n > len(layers):
+            raise ValueError(f"concept_layers={n} but the text tower has {len(layers)} layers")
+        # Run the trunk itself (its own mask handling, any transformers version) with its layer list
+        # cut to the first n for this call: the same modules and parameters, no copy.
+        full = dict(layers._modules)
+        layers._modules = dict(list(full.items())[:n])
+        try:
+            return self.trunk(input_ids=tokens, attention_mask=mask, return_dict=True).last_hidden_state
+        finally:
+            layers._modules = full
 
     def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
         if self.pooling == "cls":

@@ -1,8 +1,13 @@
 """ViCHA visual concepts (Shukor et al., arXiv 2208.13628, §3.2).
 
-Each image carries keywords mined offline (e.g. the vocabulary words an existing CLIP scores
-highest for it), stored in the shard's ``concepts`` column. During training a random subset is
-appended to the caption, so the text tower sees image-grounded words that the caption may lack.
+Each image carries keywords mined offline (``vlscale concepts``: the vocabulary words a trained
+checkpoint scores highest for it), stored in the shard's ``concepts`` column. During training a
+random subset is used, in one of two places (``techniques.concept_mode``):
+
+* ``"image_tokens"`` — ViCHA's way: the subset is encoded by the text tower and given to the
+  image tower as extra tokens (:meth:`vlscale.model.DualEncoder.concept_inputs`); evaluation feeds
+  every concept (official ``dataset/caption_dataset.py``: ``randkw_p`` at training, all at test);
+* ``"caption"`` — appended to the caption, so the text tower sees image-grounded words.
 
 Sampling: each concept is kept independently with probability ``p`` (≈0.3), at most
 ``max_concepts``, in a shuffled order, after the caption and a separator. Draws depend only on
@@ -38,6 +43,14 @@ class ConceptSampler:
         keep = [c for c, u in zip(cleaned, rng.random(len(cleaned))) if u < self.p]
         keep = [keep[i] for i in rng.permutation(len(keep))]
         return keep if self.max_concepts is None else keep[: self.max_concepts]
+
+    def sample_lists(self, concepts: Sequence[Sequence[str] | None], keys: Sequence[str] | None = None,
+                     step: int = 0) -> list[list[str]]:
+        """Each sample's kept concepts (image-token mode)."""
+        if keys is not None and len(keys) != len(concepts):
+            raise ValueError(f"concepts ({len(concepts)}) and keys ({len(keys)}) must align")
+        return [self.sample(cs or [], key=keys[i] if keys is not None else str(i), step=step)
+                for i, cs in enumerate(concepts)]
 
     def __call__(self, captions: Sequence[str], concepts: Sequence[Sequence[str] | None] | None,
                  keys: Sequence[str] | None = None, step: int = 0) -> list[str]:

@@ -1,13 +1,19 @@
-"""ViCHA hierarchical alignment (Shukor et al., arXiv 2208.13628, §3.1).
+"""ViCHA hierarchical alignment (Shukor et al., arXiv 2208.13628, §3.1; official
+``models/model_pretrain_kw_img.py`` ``hidden_states_ita``).
 
 Besides the final embeddings, the CLS tokens of chosen intermediate layers of both towers get
-their own projection heads (``ModelConfig.hier_image_layers`` / ``hier_text_layers``; the
-DualEncoder returns them as ``image_hier`` / ``text_hier``, then ``image_hier1`` … for further
-levels). Each level adds a contrastive loss between the paired layers, weighted ~0.1, so the
-lower layers are aligned too — cheap supervision that speeds up learning with little data.
+their own projection heads (``ModelConfig.hier_image_layers`` / ``hier_text_layers``, or the
+default pairing ``ModelConfig.hier_levels``: the n layers just below the last of each tower, in
+order — ViCHA aligns 5). The DualEncoder returns them as ``image_hier`` / ``text_hier``, then
+``image_hier1`` … for further levels. Each level adds a contrastive loss between the paired
+layers with its own weight (``techniques.hier_weight``: one value, or one per level; ViCHA:
+0.1 × [1, 1, 1, 1, 1]), so the lower layers are aligned too — cheap supervision that speeds up
+learning with little data.
 
-The levels use the model's one ``logit_scale`` and the same loss (and mixup targets) as the
-main term, so they run through the fused / distributed loss like it.
+The levels use the model's one ``logit_scale`` and run through the fused / distributed loss like
+the main term. Their mixup targets follow their inputs (:mod:`vlscale.techniques.mixup`): soft on
+image-mix steps (the pixels, hence every image level, are mixed), the identity on text-mix steps
+(only the final text embedding is mixed).
 """
 
 from __future__ import annotations

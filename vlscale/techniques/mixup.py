@@ -11,7 +11,26 @@ Mixing text embeddings happens inside the loss function, on the (detached-leaf) 
 gradient cache hands it, so the cached gradient flows back through the mix into each chunk.
 
 Draws are a pure function of (seed, step): every rank flips the same coin and draws the same
-lam without communicating, and a resumed run replays them exactly.
+lam without communicating, and a resumed run replays them exactly. Pixels are mixed once, before
+the gradient cache's first pass, so both passes (and the momentum keys) see the same mixed images.
+
+Targets follow the inputs, term by term. A contrastive term compares a query side with a key side;
+its targets are soft (``lam`` on the pair itself, ``1 − lam`` on the reversed partner) exactly when
+ONE of the two sides holds mixed samples, and the identity when neither does
+(:meth:`MixPlan.targets`; both sides mixed has no such target and is refused). What is mixed:
+
+=========================================  ====================  ====================
+embedding                                  image step            text step
+=========================================  ====================  ====================
+``image`` / ``image_hier…`` (online)       mixed (pixels)        plain
+``text`` (online, the final embedding)     plain                 mixed (after encoder)
+``text_hier…`` (online)                    plain                 plain
+momentum image keys (from the pixels)      mixed                 plain
+momentum text keys                         plain                 plain
+=========================================  ====================  ====================
+
+so the contrastive term is soft on every mixed step, the hierarchical levels and the momentum
+image→text direction only on image steps, and the momentum text→image direction on both.
 
 Per step::
 
@@ -53,6 +72,28 @@ class MixPlan:
         if self.mode == "none":
             return None
         return self.labels_b.to(device), self.lam
+
+    @property
+    def mixes_image(self) -> bool:
+        """This step mixes the pixels (every image-side embedding and momentum image key is mixed)."""
+        return self.mode == "image"
+
+    @property
+    def mixes_text(self) -> bool:
+        """This step mixes the final text embeddings (only those: see the module docstring)."""
+        return self.mode == "text"
+
+    def targets(self, *, query_mixed: bool, key_mixed: bool, device: torch.device | str | None = None,
+                local: bool = False) -> tuple[Tensor, float] | None:
+        """The ``mix`` argument of one loss term whose query / key sides are (not) mixed: soft targets
+        when exactly one side is, ``None`` (identity) when neither. ``local=True`` gives partners as
+        indices into this rank's rows (for terms computed without gathering)."""
+        if query_mixed and key_mixed:
+            raise ValueError("a loss term with both sides mixed has no reversed-pair targets")
+        if not (query_mixed or key_mixed) or self.mode == "none":
+            return None
+        labels_b = torch.arange(self.batch_size).flip(0) if local else self.labels_b
+        return labels_b.to(device), self.lam
 
     def mix_pixels(self, pixels: Tensor) -> Tensor:
         """``lam·x + (1−lam)·x.flip(0)`` when this step mixes images, else ``pixels`` unchanged."""

@@ -36,6 +36,11 @@ class EngineModule(nn.Module):
     def forward(self, **inputs: Tensor) -> dict[str, Tensor]:
         return self._engine[0].forward(**inputs)
 
+    def concept_inputs(self, concepts: list[list[str]] | None) -> dict[str, Tensor]:
+        """The model's ViCHA concept-token inputs (``{}`` when it takes none); see ``embed_dataset``."""
+        fn = getattr(self._engine[0].module, "concept_inputs", None)
+        return fn(concepts) if fn is not None else {}
+
 
 def _collective_forward(engine: Any) -> bool:
     if engine is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

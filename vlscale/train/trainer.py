@@ -78,8 +78,10 @@ class Trainer:
         sizes = {k: v for k, v in (("image", gc.image_chunk_size), ("text", gc.text_chunk_size)) if v}
         self.gradcache = GradCache(self.engine, chunk_size=gc.chunk_size if gc.enabled else None,
                                    chunk_sizes=sizes if gc.enabled else None)
-        self.objective = build_loss_fn(cfg, process_group=self.rt.process_group, module=self.engine.module,
-                                       tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro)
+        key_chunks = {t: sizes.get(t, gc.chunk_size) for t in ("image", "text")} if gc.enabled else None
+        self.objective = build_loss_fn(cfg, process_group=self.rt.process_group, engine=self.engine,
+                                       tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro,
+                                       chunk_sizes=key_chunks)
         self.loss_fn = self.objective  # what the gradient cache calls (tests may wrap it)
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
@@ -192,7 +194,7 @@ class Trainer:
         inputs = batch.to(self.rt.device).model_inputs()
         start = time.perf_counter()
         inputs = self.objective.prepare(self.step, batch, inputs)  # mixup / concepts / momentum keys
-        res = self.gradcache.step(inputs, self.loss_fn)
+        res = self.gradcache.step(inputs, self.loss_fn, chunk_loss=self.objective.chunk_loss)
         loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
         if not math.isfinite(loss) and not self._handle_nonfinite(loss):
             self.engine.zero_grad()  # skip: drop this step's gradients, do not advance
