@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("vlscale.data.cli", "build / inspect / verify Arrow shards"),
     "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun)"),
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
+    "memory": ("vlscale.memory.cli", "will a recipe fit (plan), what did it take (measure / report)"),
 }
 
 
