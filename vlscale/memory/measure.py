@@ -198,7 +198,8 @@ def simulated_plan_inputs(plan_inputs: Any, result: dict[str, Any]) -> Any:
     spec = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(result["dtype"], "fp32")
     return dataclasses.replace(
         plan_inputs, zero_stage=1, states_precision=spec, engine_buffer_bytes=0.0, zero3_live_params=None,
-        step_transient_bytes=None, act_bytes_per_pair=sum(c["per_row"] for c in costs.values()),
+        step_transient_bytes=4.0 * -(-plan_inputs.params // result["world_size"]),  # ShardedAdam's fp32 partition
+        act_bytes_per_pair=sum(c["per_row"] for c in costs.values()),
         chunk_act_bytes_per_row=max(c["per_row"] for c in costs.values()),
         nograd_act_bytes_per_row=max(c["nograd_per_row"] for c in costs.values()),
         act_fixed_bytes=max(c["fixed"] for c in costs.values()),

@@ -42,6 +42,20 @@ CHUNKED_TILE_COPIES = 4
 ROW_STATS, COL_STATS = 3, 4
 
 
+def fmt_bytes(n: float | None) -> str:
+    """Bytes as GiB / MiB / KiB, whichever reads best."""
+    if n is None:
+        return "–"
+    if n == 0:
+        return "0"
+    a = abs(n)
+    if a >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if a >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
 @dataclass(frozen=True)
 class PrecisionSpec:
     """Bytes per parameter of each model state."""

@@ -32,6 +32,7 @@ from vlscale.memory.model import (
     MIB,
     MemoryEstimate,
     deepspeed_bucket_bytes,
+    fmt_bytes,
     max_global_batch,
     predict_memory,
 )
@@ -152,7 +153,7 @@ def _block_count(tower: nn.Module) -> int:
 def meta_counts(model_cfg: Any, dtype: Any) -> tuple[int, int, dict[str, dict[str, float]]]:
     """Counted on the meta device (no memory, no weights): trainable parameters Ψ, parameters of the
     largest direct child (FSDP2's largest shard unit), and per tower the bytes saved for backward
-    per row in ``dtype``, with the transient peak per row of a no-grad forward (two blocks' worth).
+    per row in ``dtype``, with the transient peak per row of a no-grad forward (one block's worth).
 
     With activation checkpointing a tower's cost is its stored block inputs plus one block's
     activations (the block the backward recomputes): the full count over the tower's block count.
@@ -173,7 +174,7 @@ def meta_counts(model_cfg: Any, dtype: Any) -> tuple[int, int, dict[str, dict[st
         full = saved_activation_bytes(model, only, dtype=dtype)
         blocks = _block_count(tower)
         # A forward without a graph frees each block's intermediates before the next block runs.
-        entry = {"saved_per_row": full, "per_row": full, "blocks": blocks, "nograd_per_row": 2 * full / blocks}
+        entry = {"saved_per_row": full, "per_row": full, "blocks": blocks, "nograd_per_row": full / blocks}
         if ckpt:
             model.set_grad_checkpointing(True)
             stored = saved_activation_bytes(model, only, dtype=dtype)
@@ -218,10 +219,11 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
             "reduce_bucket_size", DS_REDUCE_BUCKET)), overlap_comm=bool(zero.get("overlap_comm", False)))
         if stage == 3:
             live = int(float(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)))
-        # The client torch AdamW steps the fp32 partition: its denominator is one fp32 temporary of
-        # the partition, beside the fp32 copy of 16-bit gradients that mixed precision makes.
+        # The client torch AdamW steps the flattened fp32 gradient partition: measured 2.7 × 4Ψ/W
+        # on CPU (ZeRO-2, 2 ranks, fp32): the partition's fp32 gradient, Adam's denominator and the
+        # gradient norm's temporaries.
         shard = world_size if stage >= 1 else 1
-        step_tr = (4.0 + (4.0 if precision != "fp32" else 0.0)) * params / shard
+        step_tr = 12.0 * params / shard
     elif kind == "fsdp":
         # FSDP2: fp32 parameters, gradients and Adam states sharded (16Ψ/W); the largest shard unit
         # gathered in 16 bits; without gradient sync (all chunks but the last) the unsharded
@@ -292,6 +294,10 @@ _ADVICE = {
     "loss": "fewer pairs per rank (more ranks), never the naive loss at this batch",
     "embed": "a smaller gradcache.chunk_size (pass 1 holds a chunk's no-grad forward)",
     "step": "a higher ZeRO stage or more ranks (model and optimizer states)",
+    "model states": "a higher ZeRO stage or more ranks",
+    "engine buffers": "a smaller zero_optimization.reduce_bucket_size in your ds_config (engine.ds_config)",
+    "activations": "a smaller gradcache.chunk_size or model.grad_checkpointing=true",
+    "loss workspace": "the fused loss instead of dense logits",
 }
 
 
@@ -325,17 +331,20 @@ def plan(inputs: PlanInputs, *, sweep_points: int = 24) -> dict[str, Any]:
 
 
 def verdict(inputs: PlanInputs, strategies: dict[str, Any], chosen: str) -> str:
-    """One line: does the recipe's batch fit with its own strategy, and what fits otherwise."""
+    """One line: does the recipe's batch fit with its own strategy, what fits otherwise, what to change."""
     s = strategies[chosen]
-    where = f"global batch {inputs.global_batch:,} on {inputs.world_size} × {inputs.gpu_memory / GIB:.0f} GiB"
+    where = f"global batch {inputs.global_batch:,} on {inputs.world_size} × {fmt_bytes(inputs.gpu_memory)}"
     others = "; ".join(f"{n} up to {strategies[n]['largest_global_batch']:,}" for n in STRATEGIES if n != chosen)
     if s["fits"]:
-        return (f"FITS: {where} with {chosen}: peak {s['peak_bytes'] / GIB:.2f} GiB of {inputs.usable / GIB:.2f} "
-                f"GiB usable (largest global batch {s['largest_global_batch']:,}; {others})")
+        return (f"FITS: {where} with {chosen}: peak {fmt_bytes(s['peak_bytes'])} of {fmt_bytes(inputs.usable)} "
+                f"usable (largest global batch {s['largest_global_batch']:,}; {others})")
     if s["largest_global_batch"] == 0:
-        states = s["estimate"]["components"]["model states"]
-        return (f"DOES NOT FIT at any batch: {where} with {chosen}: model states alone take {states / GIB:.2f} GiB "
-                f"per rank; use {_ADVICE['step']}")
-    return (f"DOES NOT FIT: {where} with {chosen}: peak {s['peak_bytes'] / GIB:.2f} GiB > {inputs.usable / GIB:.2f} "
-            f"GiB usable in phase `{s['peak_phase']}`; largest that fits {s['largest_global_batch']:,} "
+        smallest = predict(inputs, chosen, inputs.world_size)
+        phase = smallest.peak_phase
+        part = max(smallest.phases[phase], key=smallest.components.__getitem__)
+        return (f"DOES NOT FIT at any batch: {where} with {chosen}: even {inputs.world_size} pairs need "
+                f"{fmt_bytes(smallest.total)} > {fmt_bytes(inputs.usable)} usable, mostly {part} "
+                f"({fmt_bytes(smallest.components[part])}, phase `{phase}`); try {_ADVICE.get(part, _ADVICE['step'])}")
+    return (f"DOES NOT FIT: {where} with {chosen}: peak {fmt_bytes(s['peak_bytes'])} > {fmt_bytes(inputs.usable)} "
+            f"usable in phase `{s['peak_phase']}`; largest that fits {s['largest_global_batch']:,} "
             f"({others}); try {_ADVICE.get(s['peak_phase'], 'more ranks')}")

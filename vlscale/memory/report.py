@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vlscale.memory.model import GIB, MIB, MemoryEstimate
+from vlscale.memory.model import GIB, MIB, MemoryEstimate, fmt_bytes
 
 SCHEMA = "vlscale.memory.report/1"
 # Components alive when each phase starts (created by an earlier phase or before the step); the
@@ -37,20 +37,6 @@ CARRIED = {
     "fwd_bwd": {"model states", "allocator slack"},
     "step": {"model states", "allocator slack"},
 }
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Bytes as GiB / MiB / KiB, whichever reads best."""
-    if n is None:
-        return "–"
-    if n == 0:
-        return "0"
-    a = abs(n)
-    if a >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    if a >= MIB:
-        return f"{n / MIB:.1f} MiB"
-    return f"{n / 1024:.1f} KiB"
 
 
 def versions() -> dict[str, str | None]:
