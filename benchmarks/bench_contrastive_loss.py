@@ -179,6 +179,15 @@ def build_case(case: dict) -> Callable[[], None]:
     return step_fn(fn, img, txt, t, case["mode"])
 
 
+def _checked(row: dict, fn: Callable, inputs: tuple, limits: dict[str, float], rec: harness.Recorder) -> dict:
+    """Add the float64 errors and their verdict to ``row`` (a failure is recorded in ``rec``)."""
+    row["max_rel_err_vs_fp64"] = errors_vs_float64(fn, *inputs)
+    row["error_limits"] = limits
+    what = f"{row['provider']} B={row['B']} D={row['D']} {row['dtype']}"
+    row["check"] = "pass" if rec.check(what, row["max_rel_err_vs_fp64"], limits) else "FAIL"
+    return row
+
+
 def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, device: torch.device, rate: float,
             limits: dict[str, float] | None, rec: harness.Recorder) -> dict:
     row: dict = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode}
@@ -190,10 +199,13 @@ def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, devi
         return {**row, "status": "skipped", "note": fn}
     try:
         img, txt, t = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
+        if args.check_only:
+            return _checked({**row, "status": "ok"}, fn, (img, txt, t), limits, rec)
         run = step_fn(fn, img, txt, t, mode)
-        if args.memory != "off" and device.type == "cuda":
+        measured = args.memory != "off" and device.type == "cuda"
+        if measured:  # this call is also the warm-up (compilation) of the timing below
             row["peak_extra_mib"] = harness.peak_extra_cuda(run, device) / 2**20
-        timing = harness.time_fn(run, device, reps=args.reps, min_time_s=args.min_time)
+        timing = harness.time_fn(run, device, reps=args.reps, min_time_s=args.min_time, warmed=measured)
         flops = FLOOR_FACTOR[mode] * b * b * d
         ms = timing["median_ms"]
         row.update(status="ok", ms=ms, **{k: v for k, v in timing.items() if k != "median_ms"}, flops=flops,
@@ -201,10 +213,7 @@ def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, devi
         row.update(ratio_to_floor=ms / row["floor_ms"], fraction_of_matmul=row["tflops"] * 1e12 / rate)
         del run
         if limits is not None and mode == "full":
-            row["max_rel_err_vs_fp64"] = errors_vs_float64(fn, img, txt, t)
-            row["error_limits"] = limits
-            row["check"] = "pass" if rec.check(f"{name} B={b} D={d} {args.dtype}", row["max_rel_err_vs_fp64"],
-                                               limits) else "FAIL"
+            _checked(row, fn, (img, txt, t), limits, rec)
         del img, txt, t
     except torch.cuda.OutOfMemoryError:
         return {**row, "status": "oom"}
@@ -287,12 +296,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-max", type=int, default=None, help="largest B checked against float64 "
                    "(default 8192 on CUDA, 4096 on CPU)")
     p.add_argument("--triton-settings", default="", help='JSON KernelSettings overrides, e.g. {"block_n": 128}')
+    p.add_argument("--check-only", action="store_true",
+                   help="only the float64 checks (every size, mode full), no timing: the GPU check's kernel step")
     p.add_argument("--tune", action="store_true", help="first tune the triton tiles at the first size (recorded)")
     p.add_argument("--stem", default=None, help="results file stem (default contrastive_loss_<device>)")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.dims, args.dtype, args.reps, args.check_max, args.device = "40", "32", "fp32", 1, 10**9, "cpu"
         args.memory = "off" if args.memory == "auto" else args.memory
+    if args.check_only:
+        args.modes, args.check_max, args.memory = "full", 10**12, "off"
     return args
 
 
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> Path:
         print("smoke: TRITON_INTERPRET is not 1, the triton provider will be skipped", file=sys.stderr)
     check_max = args.check_max if args.check_max is not None else (8192 if device.type == "cuda" else 4096)
     stem = args.stem or ("contrastive_loss_smoke" if args.smoke else f"contrastive_loss_{device.type}")
-    rec = harness.Recorder("contrastive_loss", args, device, stem=stem)
+    rec = harness.Recorder("contrastive_loss", args, device, stem=stem, partial=True)
     shape = (8192, 8192, 8192) if device.type == "cuda" else ((256, 32, 256) if args.smoke else (1024, 512, 4096))
     rate = harness.matmul_rate(DTYPES[args.dtype], device, shape)
     rec.summary.update(matmul_tflops=rate / 1e12, matmul_shape="×".join(map(str, shape)), providers=providers)

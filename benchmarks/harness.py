@@ -109,14 +109,16 @@ def _sync(device: Any) -> None:
 
 
 def time_fn(fn: Callable[[], Any], device: Any, *, reps: int = 5, min_time_s: float = 0.0,
-            max_time_s: float = 600.0) -> dict[str, float]:
-    """Milliseconds per call: ``median_ms``, ``q20_ms``, ``q80_ms``, ``min_ms``, ``max_ms``, ``reps``."""
+            max_time_s: float = 600.0, warmed: bool = False) -> dict[str, float]:
+    """Milliseconds per call: ``median_ms``, ``q20_ms``, ``q80_ms``, ``min_ms``, ``max_ms``, ``reps``.
+    ``warmed``: ``fn`` already ran once (e.g. for its memory), so no warm-up call is spent."""
     reps = max(1, reps)
     if getattr(device, "type", device) == "cuda":
         import torch
         from triton.testing import do_bench
 
-        fn()  # compile / autotune outside the timing
+        if not warmed:
+            fn()  # compile / autotune outside the timing
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
@@ -139,7 +141,8 @@ def time_fn(fn: Callable[[], Any], device: Any, *, reps: int = 5, min_time_s: fl
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end))
         return _stats(samples, "cuda events")
-    fn()  # warm-up: first-call allocations, thread pools, caches
+    if not warmed:
+        fn()  # warm-up: first-call allocations, thread pools, caches
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < reps or time.perf_counter() - start < min_time_s:
@@ -299,7 +302,8 @@ def output_paths(out: Path, stem: str) -> tuple[Path, str]:
 class Recorder:
     """Rows of one benchmark run, its threshold failures, and the files they end in."""
 
-    def __init__(self, bench: str, args: argparse.Namespace, device: Any, *, stem: str | None = None) -> None:
+    def __init__(self, bench: str, args: argparse.Namespace, device: Any, *, stem: str | None = None,
+                 partial: bool = False) -> None:
         self.bench, self.args, self.device = bench, args, device
         self.rows: list[dict[str, Any]] = []
         self.failures: list[str] = []
@@ -308,10 +312,18 @@ class Recorder:
         self.env = environment(device)
         self.env["load_avg_start"] = _load()
         self.out_dir, self.stem = output_paths(getattr(args, "out", RESULTS), stem or bench)
+        self.partial = partial
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Keep a row; ``<stem>.json`` is rewritten at once (``"complete": false``), so a run that is
+        killed (a time limit) still leaves every row it measured."""
+        from vlscale.memory.report import atomic_write
+
         self.rows.append(row)
         print(json.dumps(row, default=str), flush=True)
+        if self.partial:
+            atomic_write(self.out_dir / f"{self.stem}.json",
+                         json.dumps(self.record() | {"complete": False}, indent=1, default=str) + "\n")
         return row
 
     def check(self, what: str, errors: dict[str, float], limits: dict[str, float]) -> bool:
@@ -354,7 +366,8 @@ class Recorder:
         from vlscale.memory.report import atomic_write
 
         rec = self.append(plots)
-        path = atomic_write(self.out_dir / f"{self.stem}.json", json.dumps(rec, indent=1, default=str) + "\n")
+        path = atomic_write(self.out_dir / f"{self.stem}.json",
+                            json.dumps(rec | {"complete": True}, indent=1, default=str) + "\n")
         atomic_write(self.out_dir / f"{self.stem}.md", (markdown or default_markdown)(rec))
         for failure in self.failures:
             print(f"FAILED {failure}", file=sys.stderr)
