@@ -194,6 +194,9 @@ def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, devi
     overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
     if overrides:
         row["triton_settings"] = overrides
+    cap = args.max_size.get(name)
+    if cap is not None and b > cap:
+        return {**row, "status": "skipped", "note": f"B > {cap} (--provider-max-size)"}
     fn = provider_fn(name, d, device, overrides)
     if isinstance(fn, str):
         return {**row, "status": "skipped", "note": fn}
@@ -258,9 +261,23 @@ def to_markdown(rec: dict) -> str:
         ("reps", lambda r: r["reps"]), ("TFLOP/s", lambda r: f"{r['tflops']:.3g}"),
         ("× floor", lambda r: f"{r['ratio_to_floor']:.2f}"), ("peak extra MiB", lambda r: f"{r['peak_extra_mib']:,.0f}"),
         ("max rel err vs fp64", err)])
-    lines += ["", *[f"![{p}]({p})" for p in rec.get("plots", [])], "", *rec["notes"], "",
-              "Config: `" + json.dumps(cfg) + "`", ""]
+    lines += ["", *_vs_naive(rec["rows"]), "", *[f"![{p}]({p})" for p in rec.get("plots", [])], "", *rec["notes"],
+              "", "Config: `" + json.dumps(cfg) + "`", ""]
     return "\n".join(lines)
+
+
+def _vs_naive(rows: list[dict]) -> list[str]:
+    """Each provider's time and extra memory relative to the naive loss at the same (B, D, mode)."""
+    naive = {(r["B"], r["D"], r["mode"]): r for r in rows if r["provider"] == "naive" and r["status"] == "ok"}
+    out = []
+    for r in rows:
+        n = naive.get((r["B"], r["D"], r["mode"]))
+        if r["provider"] == "naive" or r["status"] != "ok" or n is None:
+            continue
+        mem = (f"{r['peak_extra_mib']:,.0f} MiB vs {n['peak_extra_mib']:,.0f} MiB extra"
+               if r.get("peak_extra_mib") is not None and n.get("peak_extra_mib") is not None else "memory not measured")
+        out.append(f"- {r['provider']} {r['mode']} B={r['B']:,}: {r['ms'] / n['ms']:.2f}× the naive loss's time; {mem}")
+    return ["Against the naive loss (same B, D, mode):", "", *out] if out else []
 
 
 TUNE_AXES = {  # coordinate descent over the Triton tile settings: one axis at a time, keep the fastest
@@ -296,6 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-max", type=int, default=None, help="largest B checked against float64 "
                    "(default 8192 on CUDA, 4096 on CPU)")
     p.add_argument("--triton-settings", default="", help='JSON KernelSettings overrides, e.g. {"block_n": 128}')
+    p.add_argument("--provider-max-size", default="", metavar="NAME=B,...",
+                   help="largest B per provider, e.g. triton=512 for the CPU interpreter (larger: skipped)")
     p.add_argument("--check-only", action="store_true",
                    help="only the float64 checks (every size, mode full), no timing: the GPU check's kernel step")
     p.add_argument("--tune", action="store_true", help="first tune the triton tiles at the first size (recorded)")
@@ -306,6 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.memory = "off" if args.memory == "auto" else args.memory
     if args.check_only:
         args.modes, args.check_max, args.memory = "full", 10**12, "off"
+    args.max_size = {k: int(v) for k, v in (x.split("=") for x in harness.parse_list(args.provider_max_size))}
     return args
 
 
