@@ -86,6 +86,19 @@ def test_plan_fsdp_and_local_engines() -> None:
     assert local.zero_stage == 0 and local.engine_buffer_bytes == 0 and local.step_transient_bytes == 4 * local.params
 
 
+def test_plan_reads_deepspeed_offload(tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                                    "reduce_bucket_size": 1e7}}))
+    inp = planner.plan_inputs(load_recipe("zerovl-v100", [f"engine.ds_config={ds}"]), world_size=8,
+                              gpu_memory=32 * GIB)
+    assert inp.offload == "optimizer" and inp.engine_buffer_bytes == 1e7 * 2
+    est = planner.predict(inp, "fused_gradcache", 16384)
+    # ZeRO-2 fp16 with the fp32 master and Adam moments on the host: 2Ψ + 2Ψ/W on the device.
+    assert est.components["model states"] == pytest.approx(inp.params * (2 + 2 / 8))
+    assert est.components["optimizer step transient"] == 0
+
+
 @pytest.mark.parametrize(("recipe", "world", "gpu"), [("zerovl-v100", 8, 32), ("fsdp2", 8, 80), ("tiny-cpu", 2, 8)])
 def test_strategies_are_monotone(recipe: str, world: int, gpu: int) -> None:
     result = planner.plan(planner.plan_inputs(load_recipe(recipe), world_size=world, gpu_memory=gpu * GIB))

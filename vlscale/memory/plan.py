@@ -31,9 +31,11 @@ from vlscale.memory.model import (
     GIB,
     MIB,
     MemoryEstimate,
+    PrecisionSpec,
     deepspeed_bucket_bytes,
     fmt_bytes,
     max_global_batch,
+    precision_spec,
     predict_memory,
 )
 
@@ -103,6 +105,8 @@ class PlanInputs:
     step_transient_bytes: float | None
     fused_impl: str
     """The fused loss's implementation (triton: on-chip tiles; chunked: 4 fp32 tiles of workspace)."""
+    offload: str
+    """DeepSpeed offload in the ds_config: "" (none), "optimizer" or "optimizer+params" (host memory)."""
     gpu_memory: float
     context_reserve: float
     allocator_slack: float
@@ -118,7 +122,7 @@ class PlanInputs:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         cached = strategy == "fused_gradcache"
         return dict(params=self.params, world_size=self.world_size, zero_stage=self.zero_stage,
-                    precision=self.states_precision, chunk=self.chunk if cached else None,
+                    precision=self._spec(), chunk=self.chunk if cached else None,
                     embed_dim=self.embed_dim, act_bytes_per_pair=self.act_bytes_per_pair,
                     loss_impl="naive" if strategy == "naive" else self.fused_impl,
                     input_bytes_per_pair=self.input_bytes_per_pair, engine_buffer_bytes=self.engine_buffer_bytes,
@@ -126,6 +130,15 @@ class PlanInputs:
                     chunk_act_bytes_per_row=self.chunk_act_bytes_per_row if cached else None,
                     nograd_act_bytes_per_row=self.nograd_act_bytes_per_row if cached else 0.0,
                     step_transient_bytes=self.step_transient_bytes)
+
+    def _spec(self) -> PrecisionSpec:
+        """Bytes per parameter on the device: offloaded optimizer states (and parameters) live on the host."""
+        spec = precision_spec(self.states_precision)
+        if "optimizer" in self.offload:
+            spec = dataclasses.replace(spec, optim=0, step_grad=0)
+        if "params" in self.offload:
+            spec = dataclasses.replace(spec, param=0)
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"usable": self.usable}
@@ -196,7 +209,8 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     """
     import torch
 
-    from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
+    from vlscale import config as vlscale_config
+    from vlscale.train.dsconfig import resolve_batch
 
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"--world-size must be a positive integer, got {world_size!r}")
@@ -210,11 +224,14 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     precision, kind = cfg.train.precision, cfg.engine.kind
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     params, largest_unit, counted = meta_counts(cfg.model, dtype)
-    stage, states, buffers, live, step_tr = 0, "fp32", 0.0, None, None
+    stage, states, buffers, live, step_tr, offload = 0, "fp32", 0.0, None, None, ""
     fixed = 0.0
     if kind == "deepspeed":
         stage, states = cfg.engine.zero_stage, precision
-        zero = to_deepspeed_config(cfg, world_size).get("zero_optimization", {})
+        zero = vlscale_config.to_deepspeed_config(cfg, world_size).get("zero_optimization", {})
+        devices = {k: (zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param")}
+        offload = "+".join(n for n, k in (("optimizer", "optimizer"), ("params", "param"))
+                           if devices[k] in ("cpu", "nvme"))
         buffers = deepspeed_bucket_bytes(stage, precision, reduce_bucket_size=float(zero.get(
             "reduce_bucket_size", DS_REDUCE_BUCKET)), overlap_comm=bool(zero.get("overlap_comm", False)))
         if stage == 3:
@@ -223,7 +240,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         # on CPU (ZeRO-2, 2 ranks, fp32): the partition's fp32 gradient, Adam's denominator and the
         # gradient norm's temporaries.
         shard = world_size if stage >= 1 else 1
-        step_tr = 12.0 * params / shard
+        step_tr = 0.0 if offload else 12.0 * params / shard  # an offloaded step runs on the host
     elif kind == "fsdp":
         # FSDP2: fp32 parameters, gradients and Adam states sharded (16Ψ/W); the largest shard unit
         # gathered in 16 bits; without gradient sync (all chunks but the last) the unsharded
@@ -270,7 +287,8 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         nograd_act_bytes_per_row=max(c.get("nograd_per_row", 0.0) for c in costs.values()),
         act_fixed_bytes=fixed, act_source=source,
         input_bytes_per_pair=3 * size * size * 4 + 2 * length * 8, engine_buffer_bytes=buffers,
-        zero3_live_params=live, step_transient_bytes=step_tr, fused_impl=fused_impl, gpu_memory=gpu_memory,
+        zero3_live_params=live, step_transient_bytes=step_tr, fused_impl=fused_impl, offload=offload,
+        gpu_memory=gpu_memory,
         context_reserve=context_reserve, allocator_slack=allocator_slack, notes=notes)
 
 

@@ -110,8 +110,9 @@ def _md_inputs(inp: dict[str, Any]) -> list[str]:
     rows = [("recipe", inp["recipe"]), ("parameters Ψ", f"{inp['params']:,}"),
             ("ranks × GPU memory", f"{inp['world_size']} × {fmt_bytes(inp['gpu_memory'])} "
              f"({fmt_bytes(inp['usable'])} usable after {fmt_bytes(inp['context_reserve'])} for the CUDA context)"),
-            ("engine", f"{inp['engine']}, model states as ZeRO-{inp['zero_stage']} ({inp['states_precision']} spec), "
-             f"towers in {inp['precision']}"),
+            ("engine", f"{inp['engine']}, model states as ZeRO-{inp['zero_stage']} ({inp['states_precision']} spec"
+             + (f", {inp['offload']} offloaded to the host" if inp.get("offload") else "")
+             + f"), towers in {inp['precision']}"),
             ("global batch / per rank", f"{inp['global_batch']:,} / {inp['global_batch'] // inp['world_size']:,}"),
             ("gradient cache", f"{'on' if inp['gradient_cache'] else 'off'}, chunk {inp['chunk']}"),
             ("embedding width D", inp["embed_dim"]),
