@@ -190,60 +190,105 @@ def _checked(row: dict, fn: Callable, inputs: tuple, limits: dict[str, float], r
 
 def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, device: torch.device, rate: float,
             limits: dict[str, float] | None, rec: harness.Recorder) -> dict:
-    row: dict = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode}
-    overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
-    if overrides:
-        row["triton_settings"] = overrides
-    cap = args.max_size.get(name)
-    if cap is not None and b > cap:
-        return {**row, "status": "skipped", "note": f"B > {cap} (--provider-max-size)"}
-    fn = provider_fn(name, d, device, overrides)
-    if isinstance(fn, str):
-        return {**row, "status": "skipped", "note": fn}
-    try:
-        img, txt, t = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
-        if args.check_only:
-            return _checked({**row, "status": "ok"}, fn, (img, txt, t), limits, rec)
-        run = step_fn(fn, img, txt, t, mode)
-        measured = args.memory != "off" and device.type == "cuda"
-        if measured:  # this call is also the warm-up (compilation) of the timing below
-            row["peak_extra_mib"] = harness.peak_extra_cuda(run, device) / 2**20
-        timing = harness.time_fn(run, device, reps=args.reps, min_time_s=args.min_time, warmed=measured)
-        flops = FLOOR_FACTOR[mode] * b * b * d
-        ms = timing["median_ms"]
-        row.update(status="ok", ms=ms, **{k: v for k, v in timing.items() if k != "median_ms"}, flops=flops,
-                   tflops=flops / (ms * 1e-3) / 1e12, floor_ms=flops / rate * 1e3)
-        row.update(ratio_to_floor=ms / row["floor_ms"], fraction_of_matmul=row["tflops"] * 1e12 / rate)
-        del run
-        if limits is not None and mode == "full":
-            _checked(row, fn, (img, txt, t), limits, rec)
-        del img, txt, t
-    except torch.cuda.OutOfMemoryError:
-        return {**row, "status": "oom"}
-    except Exception as exc:  # a provider that crashes fails the run, the sweep goes on
-        if not args.tune:
-            rec.failures.append(f"{name} B={b} D={d} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
-        return {**row, "status": "error", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if args.memory != "off" and device.type == "cpu":
-        case = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode, "device": "cpu",
-                "triton_settings": overrides or None}
-        got = harness.peak_extra_fresh_process(__file__, case)
-        if "peak_extra_bytes" in got:
-            row.update(peak_extra_mib=got["peak_extra_bytes"] / 2**20, memory_method="RSS growth, fresh process")
+    return measure_group([name], b, d, mode, args, device, rate, limits, rec)[0]
+
+
+def measure_group(names: list[str], b: int, d: int, mode: str, args: argparse.Namespace, device: torch.device,
+                  rate: float, limits: dict[str, float] | None, rec: harness.Recorder) -> list[dict]:
+    """One (B, D, mode) for several providers on shared inputs. On CUDA each provider is timed with
+    do_bench in turn; on a (shared) CPU the calls are interleaved round by round together with a
+    matmul of the loss's tile shape, so other processes' load hits every provider and the rate alike."""
+    rows: dict[str, dict] = {}
+    fns: dict[str, Callable] = {}
+    for name in names:
+        row = rows[name] = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode}
+        overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
+        if overrides:
+            row["triton_settings"] = overrides
+        cap = args.max_size.get(name)
+        fn = f"B > {cap} (--provider-max-size)" if cap is not None and b > cap else provider_fn(name, d, device,
+                                                                                               overrides)
+        if isinstance(fn, str):
+            row.update(status="skipped", note=fn)
         else:
-            row["memory_note"] = got.get("error")
-    return row
+            fns[name] = fn
+    inputs = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
+
+    def crashed(name: str, exc: BaseException) -> None:
+        fns.pop(name, None)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            rows[name]["status"] = "oom"
+            return
+        if not args.tune:  # a provider that crashes fails the run; the sweep goes on
+            rec.failures.append(f"{name} B={b} D={d} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
+        rows[name].update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    timings: dict[str, dict] = {}
+    if not args.check_only:
+        runs = {}
+        for name, fn in list(fns.items()):
+            try:
+                runs[name] = step_fn(fn, *inputs, mode)
+            except Exception as exc:
+                crashed(name, exc)
+        if device.type == "cuda":
+            for name, run in runs.items():
+                try:  # the memory call is also the warm-up (compilation) of the timing
+                    if args.memory != "off":
+                        rows[name]["peak_extra_mib"] = harness.peak_extra_cuda(run, device) / 2**20
+                    timings[name] = harness.time_fn(run, device, reps=args.reps, warmed=args.memory != "off")
+                except Exception as exc:
+                    crashed(name, exc)
+                finally:
+                    torch.cuda.empty_cache()
+        elif runs:
+            m, k, n = (1024, 512, 4096) if not args.smoke else (256, 32, 256)
+            a_, b_ = torch.randn(m, k, dtype=DTYPES[args.dtype]), torch.randn(k, n, dtype=DTYPES[args.dtype])
+            got = harness.time_interleaved({**runs, "__matmul__": lambda: a_ @ b_}, reps=args.reps,
+                                           min_time_s=args.min_time)
+            rate = 2.0 * m * k * n / (got.pop("__matmul__")["median_ms"] * 1e-3)
+            for name, res in got.items():
+                if isinstance(res, BaseException):
+                    crashed(name, res)
+                else:
+                    timings[name] = res
+        del runs
+    for name, timing in timings.items():
+        flops, ms = FLOOR_FACTOR[mode] * b * b * d, timing["median_ms"]
+        row = rows[name]
+        row.update(status="ok", ms=ms, **{k: v for k, v in timing.items() if k != "median_ms"}, flops=flops,
+                   tflops=flops / (ms * 1e-3) / 1e12, matmul_tflops=rate / 1e12, floor_ms=flops / rate * 1e3)
+        row.update(ratio_to_floor=ms / row["floor_ms"], fraction_of_matmul=row["tflops"] * 1e12 / rate)
+    if limits is not None and (mode == "full" or args.check_only):
+        for name, fn in list(fns.items()):
+            try:
+                _checked(rows[name], fn, inputs, limits, rec)
+                rows[name].setdefault("status", "ok")
+            except Exception as exc:
+                crashed(name, exc)
+    del inputs
+    if args.memory != "off" and device.type == "cpu" and not args.check_only:
+        for name in timings:
+            case = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode, "device": "cpu",
+                    "triton_settings": rows[name].get("triton_settings")}
+            got = harness.peak_extra_fresh_process(__file__, case)
+            if "peak_extra_bytes" in got:
+                rows[name].update(peak_extra_mib=got["peak_extra_bytes"] / 2**20,
+                                  memory_method="RSS growth, fresh process")
+            else:
+                rows[name]["memory_note"] = got.get("error")
+    return [rows[name] for name in names]
 
 
 def to_markdown(rec: dict) -> str:
     cfg = rec["config"]
     lines = harness.md_header(rec, "Symmetric CLIP loss: " + ", ".join(harness.parse_list(cfg["modes"])))
     rate = rec["summary"].get("matmul_tflops")
-    lines += [f"Measured {cfg['dtype']} matmul {rec['summary'].get('matmul_shape')}: {rate:.3g} TFLOP/s — the floor's "
-              "denominator (floor = 2·B²·D forward, 6·B²·D backward, 8·B²·D both, at that rate). Memory: peak "
+    where = ("timed on its own at the start" if rec["device"] == "cuda" else
+             "timed at the start; each row's floor uses the rate timed in the same interleaved rounds as the "
+             "providers (column `matmul TFLOP/s`), so the machine's load hits both alike")
+    lines += [f"Measured {cfg['dtype']} matmul {rec['summary'].get('matmul_shape')}: {rate:.3g} TFLOP/s, {where} — "
+              "the floor's denominator (floor = 2·B²·D forward, 6·B²·D backward, 8·B²·D both). Memory: peak "
               "beyond the inputs (" + ("CUDA allocator" if rec["device"] == "cuda" else
                                        "RSS growth of one call in a fresh process") + "). Errors: max relative "
               "error against float64 (loss / dI / dT / d logit_scale); thresholds = 2× the naive loss's own error "
@@ -259,6 +304,7 @@ def to_markdown(rec: dict) -> str:
                                   f"{r['status']}: {r.get('note', '')}"),
         ("median ms", lambda r: f"{r['ms']:.1f}"), ("q20–q80 ms", lambda r: f"{r['q20_ms']:.1f}–{r['q80_ms']:.1f}"),
         ("reps", lambda r: r["reps"]), ("TFLOP/s", lambda r: f"{r['tflops']:.3g}"),
+        ("matmul TFLOP/s", lambda r: f"{r['matmul_tflops']:.3g}"),
         ("× floor", lambda r: f"{r['ratio_to_floor']:.2f}"), ("peak extra MiB", lambda r: f"{r['peak_extra_mib']:,.0f}"),
         ("max rel err vs fp64", err)])
     lines += ["", *_vs_naive(rec["rows"]), "", *[f"![{p}]({p})" for p in rec.get("plots", [])], "", *rec["notes"],
@@ -354,9 +400,9 @@ def main(argv: list[str] | None = None) -> Path:
                 img, txt, t = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
                 limits = error_limits(errors_vs_float64(naive_loss, img, txt, t), args.dtype)
                 del img, txt, t
-            for name in providers:
-                for mode in modes:
-                    rec.add(measure(name, b, d, mode, args, device, rate, limits, rec))
+            for mode in modes:
+                for row in measure_group(providers, b, d, mode, args, device, rate, limits, rec):
+                    rec.add(row)
     plots = [dict(name="time", x="B", y="ms", series=("provider", "mode"), ylabel="ms per call",
                   title=f"time vs B ({args.dtype}, D={args.dims})"),
              dict(name="memory", x="B", y="peak_extra_mib", series=("provider", "mode"), ylabel="MiB beyond inputs",

@@ -119,17 +119,21 @@ if [ "$DRY" = 1 ]; then
   run_step memory 300 "$PY" "$B/harness.py" vlscale memory measure --recipe tiny-cpu train.global_batch_size=64 \
     gradcache.chunk_size=8 --simulate-world-size 4 --memory-cap 1GiB --backend tensors --out "$OUT/memory"
 else
+  # Most telling first: when the time budget runs out, the later steps are skipped (and say so).
+  kernels() {
+    run_step "kernels_$1" 75 "$PY" "$B/bench_contrastive_loss.py" --dtype "$1" --sizes 7,127,1000,4097 \
+      --dims 64,512,768 --check-only --stem "kernels_$1" --out "$OUT/kernels"
+  }
   run_step env 60 "$PY" "$B/harness.py" env --out "$OUT/env"
-  for dt in bf16 fp16 fp32; do
-    run_step "kernels_$dt" 60 "$PY" "$B/bench_contrastive_loss.py" --dtype "$dt" --sizes 7,127,1000,4097 \
-      --dims 64,512,768 --check-only --stem "kernels_$dt" --out "$OUT/kernels"
-  done
-  run_step loss 200 "$PY" "$B/bench_contrastive_loss.py" --dtype bf16 --sizes 8192,32768,262144 --dims 512 \
+  kernels bf16
+  run_step loss 180 "$PY" "$B/bench_contrastive_loss.py" --dtype bf16 --sizes 8192,32768,262144 --dims 512 \
     --reps 3 --check-max 8192 --out "$OUT/loss"
-  run_step gradcache 90 "$PY" "$B/bench_gradcache.py" --sizes 512 --chunk 256 --reps 3 \
-    --out "$OUT/gradcache/bench_gradcache.jsonl"
   run_step memory 200 "$PY" "$B/harness.py" vlscale memory measure --recipe zerovl-v100 \
     train.global_batch_size=1048576 --simulate-world-size 8 --memory-cap 32GiB --out "$OUT/memory"
+  run_step gradcache 90 "$PY" "$B/bench_gradcache.py" --sizes 512 --chunk 256 --reps 3 \
+    --out "$OUT/gradcache/bench_gradcache.jsonl"
+  kernels fp16
+  kernels fp32
 fi
 
 "$PY" "$B/gpu_check_report.py" "$OUT" --budget "$BUDGET" --elapsed "$(( $(date +%s) - START ))" \

@@ -158,6 +158,38 @@ def time_fn(fn: Callable[[], Any], device: Any, *, reps: int = 5, min_time_s: fl
     return _stats(samples, "wall clock")
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 5,
+                     min_time_s: float = 0.0) -> dict[str, dict[str, Any] | BaseException]:
+    """CPU wall clock of several callables in rounds — one call of each per round, after one warm-up
+    call each — so that load from other processes on a shared machine hits all of them alike. A
+    callable that raises is dropped and its exception returned in its place."""
+    out: dict[str, dict[str, Any] | BaseException] = {}
+    live: dict[str, Callable[[], Any]] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            live[name] = fn
+        except Exception as exc:
+            out[name] = exc
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    start, rounds = time.perf_counter(), 0
+    while live and (rounds < max(1, reps) or time.perf_counter() - start < min_time_s):
+        for name, fn in list(live.items()):
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:
+                out[name] = exc
+                del live[name]
+                continue
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    for name, s in samples.items():
+        if name not in out:
+            out[name] = _stats(s, "wall clock, interleaved")
+    return out
+
+
 def _stats(samples: list[float], timer: str) -> dict[str, Any]:
     qs = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
     return {"median_ms": statistics.median(samples), "q20_ms": qs[0], "q80_ms": qs[3], "min_ms": min(samples),
@@ -256,9 +288,12 @@ def rel_err(got: Any, want: Any) -> float:
 # -- records ---------------------------------------------------------------------------------------
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "triton", "numpy", "deepspeed", "inf_cl", "vlscale"):
+    from importlib import metadata
+
+    for name, dist in (("torch", "torch"), ("triton", "triton"), ("numpy", "numpy"), ("deepspeed", "deepspeed"),
+                       ("inf_cl", "inf-cl"), ("vlscale", "vlscale")):
         try:
-            out[name] = str(__import__(name).__version__)
+            out[name] = str(getattr(__import__(name), "__version__", None) or metadata.version(dist))
         except Exception:  # optional pieces: absent is recorded, not an error
             out[name] = None
     return out

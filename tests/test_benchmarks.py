@@ -56,6 +56,23 @@ def test_time_fn_quantiles_and_reps() -> None:
     assert timing["median_ms"] >= 4.0
 
 
+def test_time_interleaved_rounds_and_a_crashing_callable() -> None:
+    calls = {"ok": 0, "bad": 0}
+
+    def ok() -> None:
+        calls["ok"] += 1
+        time.sleep(0.002)
+
+    def bad() -> None:
+        calls["bad"] += 1
+        if calls["bad"] > 2:
+            raise RuntimeError("broke in round 2")
+
+    got = harness.time_interleaved({"ok": ok, "bad": bad}, reps=4)
+    assert got["ok"]["reps"] == 4 and calls["ok"] == 5  # one warm-up call + one per round
+    assert isinstance(got["bad"], RuntimeError) and calls["bad"] == 3
+
+
 def test_recorder_appends_one_schema_and_plots(tmp_path: Path) -> None:
     args = argparse.Namespace(out=tmp_path, smoke=False, sizes="1,2")
     for run in range(2):
