@@ -132,9 +132,21 @@ def cmd_measure(args: argparse.Namespace) -> int:
     extra = {"simulation": {k: v for k, v in result.items() if k not in ("measured",)},
              "recipe_plan": {k: recipe_plan[k] for k in ("verdict", "strategies", "inputs")}}
     report = rep.build("measure", sim, measured=measured, extra=extra)
-    if result["oom"]:
-        report["verdict"] = f"OUT OF MEMORY after phases {result['oom']['after_phases']}: " + report["verdict"]
+    report["verdict"] = f"{_measured_verdict(result)} Predicted: {report['verdict']}"
     return _finish(out, report, sim["estimate"])
+
+
+def _measured_verdict(result: dict[str, Any]) -> str:
+    """What the simulated rank really took, first: the measurement is the answer, the model the explanation."""
+    if result["oom"]:
+        return f"MEASURED: OUT OF MEMORY after phases {result['oom']['after_phases']}."
+    peak = rep.fmt_bytes(result["peak_bytes"])
+    cap = result.get("memory_cap_bytes")
+    if cap is None:
+        return f"MEASURED: peak {peak} (rank 0 of {result['world_size']})."
+    how = "enforced" if result["cap_enforced"] else "not enforced: CUDA only"
+    fits = "fits" if result.get("fits_cap") else "does NOT fit"
+    return f"MEASURED: peak {peak} (rank 0 of {result['world_size']}) {fits} the {rep.fmt_bytes(cap)} cap ({how})."
 
 
 def _snapshot_note(result: dict[str, Any], snap: Path | None) -> str:

@@ -161,7 +161,7 @@ def measure_simulated(cfg: Any, *, world_size: int, device: torch.device, memory
                             "what": f"rank 0 of {world_size} simulated, one step at global batch {batch:,}"},
                   peak_bytes=max((p["peak_bytes"] for p in phases.values()), default=0))
     if memory_cap is not None:
-        result["fits_cap"] = result["oom"] is None and (device.type != "cuda" or result["peak_bytes"] <= memory_cap)
+        result["fits_cap"] = result["oom"] is None and result["peak_bytes"] <= memory_cap
     return result
 
 
