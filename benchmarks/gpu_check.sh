@@ -111,10 +111,11 @@ if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""
   note "dry run: CPU, toy sizes, Triton in its interpreter"
   run_step env 120 "$PY" "$B/harness.py" env --out "$OUT/env" --device cpu
+  # The plumbing, not every backend: a torch.compile'd provider would spend its compile time here.
   run_step kernels 240 "$PY" "$B/bench_contrastive_loss.py" --device cpu --dtype fp32 --sizes 7,33 --dims 32 \
-    --check-only --stem kernels_fp32 --out "$OUT/kernels"
+    --providers naive,chunked,triton,reference --check-only --stem kernels_fp32 --out "$OUT/kernels"
   run_step loss 240 "$PY" "$B/bench_contrastive_loss.py" --device cpu --dtype fp32 --sizes 48 --dims 256 \
-    --reps 1 --memory off --check-max 100000 --out "$OUT/loss"
+    --providers naive,chunked,triton,infcl --reps 1 --memory off --check-max 100000 --out "$OUT/loss"
   run_step gradcache 240 "$PY" "$B/bench_gradcache.py" --smoke --out "$OUT/gradcache/bench_gradcache.jsonl"
   run_step memory 300 "$PY" "$B/harness.py" vlscale memory measure --recipe tiny-cpu train.global_batch_size=64 \
     gradcache.chunk_size=8 --simulate-world-size 4 --memory-cap 1GiB --backend tensors --out "$OUT/memory"
