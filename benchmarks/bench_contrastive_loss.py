@@ -1,19 +1,26 @@
-"""Benchmark of the symmetric CLIP loss, forward + backward: vlscale's backends against peers.
+"""Benchmark of the symmetric CLIP loss: every registered vlscale backend against naive torch and Inf-CL.
 
-Providers: ``naive`` (open_clip's formulation: dense logits + two cross-entropies), ``chunked``
-and ``triton`` (vlscale), ``infcl`` (Inf-CL's ``cal_flash_loss`` once per direction; skipped with
-a note when ``inf_cl`` is not importable or D is not a multiple of 256). For each batch size B
-and dimension D it records the median time (``triton.testing.do_bench``), the achieved TFLOP/s
-counting the floor of 8·B²·D FLOPs, the ratio to that floor at the device's MEASURED bf16 matmul
-rate, the peak memory beyond the inputs, and (for B ≤ ``--check-max``) each provider's error
-against a float64 reference: loss, both embedding gradients and the logit-scale gradient.
+Providers:
 
-Results go to ``benchmarks/results/contrastive_loss_<device>_<timestamp>.{json,md}`` with the
-device name, versions and the full config. ``--smoke`` runs a tiny CPU configuration (Triton in
-its interpreter) in seconds: it checks the script, not performance — no GPU numbers are made up.
+* every backend registered in :mod:`vlscale.loss.backends` (enumerated, not hard-coded: ``chunked``,
+  ``triton``, ``reference`` and whatever variants are registered there), through
+  ``contrastive_loss(impl=name)``; one that cannot run on this device is skipped with the reason;
+* ``naive`` — open_clip's ``ClipLoss`` on one device: dense logits, two cross-entropies;
+* ``infcl`` — Inf-CL's ``cal_flash_loss`` once per direction. It returns a per-row loss VECTOR, so
+  each direction is averaged (its real return convention) before the two are averaged; skipped with
+  a note when ``inf_cl`` is not importable or D is not a multiple of 256.
 
-    python benchmarks/bench_contrastive_loss.py                       # GPU sweep, bf16, D=512,768
-    python benchmarks/bench_contrastive_loss.py --sizes 32768 --dims 512 --providers triton,infcl
+Per (B, D, mode ∈ fwd / bwd / full, provider): median time and quantiles, achieved TFLOP/s counting the
+floor (2·B²·D forward, 6·B²·D backward, 8·B²·D both), the ratio to that floor at the device's MEASURED
+matmul rate for the dtype, the peak memory beyond the inputs (CUDA allocator; RSS growth in a fresh
+process on CPU), and for B ≤ ``--check-max`` the error of the loss and of every gradient (both
+embeddings, the logit scale) against a float64 reference. Thresholds follow flash-attention's rule:
+at most 2× PyTorch's own error in that dtype (the naive loss) plus a floor per dtype — a provider
+over them FAILS the run (exit status 1).
+
+    python benchmarks/bench_contrastive_loss.py                                  # GPU sweep, bf16, D=512
+    python benchmarks/bench_contrastive_loss.py --sizes 32768 --providers triton,infcl --modes fwd,bwd,full
+    python benchmarks/bench_contrastive_loss.py --device cpu --dtype fp32 --sizes 2048,4096 --reps 3
     TRITON_INTERPRET=1 python benchmarks/bench_contrastive_loss.py --smoke --out /tmp/bench
 """
 
@@ -23,45 +30,48 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import peak_extra_mib, time_ms  # noqa: E402  (sibling script; benchmarks/ is no package)
-
-
-def _ensure_vlscale_importable() -> None:
-    """Run from a plain checkout too (e.g. the GPU machine, no pip install): put the repository on
-    ``sys.path`` and map the top-level ``kernels/`` folder to ``vlscale.kernels`` as pyproject does."""
-    try:
-        import vlscale.kernels
-        return
-    except ImportError:
-        pass
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT))
-    import vlscale
-
-    spec = importlib.util.spec_from_file_location(
-        "vlscale.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vlscale.kernels"] = module
-    spec.loader.exec_module(module)
-    vlscale.kernels = module
-
+import harness  # sibling script (benchmarks/ is no package)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SIZES = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
-RESULTS = ROOT / "benchmarks" / "results"
+SIZES = "4096,8192,16384,32768,65536,131072,262144"
+FLOOR_FACTOR = {"fwd": 2, "bwd": 6, "full": 8}  # × B²·D: one S forward; S again + two products backward
+# Relative error floors per dtype, added to 2× the naive loss's own error (flash-attention's rule).
+REL_FLOOR = {"fp32": 2e-5, "fp16": 2e-3, "bf16": 1e-2}
+ERROR_KEYS = ("loss", "d_image", "d_text", "d_logit_scale")
+
+
+def registered_backends() -> list[str]:
+    """Names of the backends registered in :mod:`vlscale.loss.backends` ("auto" excluded: it is a choice
+    among them). Reads a registry function or mapping if the module has one, else ``IMPLS``."""
+    from vlscale.loss import backends as reg
+
+    names: list[str] = []
+    for attr in ("registered_backends", "available_backends", "list_backends", "backend_names"):
+        fn = getattr(reg, attr, None)
+        if callable(fn):
+            names = list(fn())
+            break
+    else:
+        for attr in ("REGISTRY", "BACKENDS", "_REGISTRY"):
+            table = getattr(reg, attr, None)
+            if isinstance(table, dict):
+                names = list(table)
+                break
+        else:
+            names = list(reg.IMPLS)
+    return [n for n in dict.fromkeys(str(n) for n in names) if n != "auto"]
+
+
+def all_providers() -> list[str]:
+    return ["naive", *registered_backends(), "infcl"]
 
 
 def naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -71,250 +81,336 @@ def naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> tor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def vlscale_loss(impl: object) -> Callable:
-    from vlscale.loss import contrastive_loss
-
-    return lambda img, txt, scale: contrastive_loss(img, txt, scale, impl=impl)
-
-
-def triton_loss(overrides: dict) -> Callable:
-    """vlscale's triton backend, with KernelSettings ``overrides`` (e.g. ``{"block_n": 128}``)."""
-    if not overrides:
-        return vlscale_loss("triton")
-    from vlscale.loss.triton_backend import TritonBackend
-
-    return vlscale_loss(TritonBackend(**overrides))
-
-
 def infcl_loss() -> Callable | str:
-    """Inf-CL, one call per direction, averaged (what ANCHORS.md measured); or why it is skipped."""
+    """Inf-CL, one call per direction; each returns a per-row vector: mean per direction, then average."""
     try:
         from inf_cl import cal_flash_loss
     except Exception as exc:  # any import failure means "not available here"
         return f"inf_cl not importable ({type(exc).__name__}: {exc})"
 
-    def loss(img, txt, scale):
+    def loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         labels = torch.arange(img.shape[0], device=img.device)
-        return (cal_flash_loss(img, txt, labels, scale) + cal_flash_loss(txt, img, labels, scale)) / 2
+        i2t = cal_flash_loss(img, txt, labels, scale)
+        t2i = cal_flash_loss(txt, img, labels, scale)
+        return (i2t.mean() + t2i.mean()) / 2
 
     return loss
 
 
-def provider_fn(name: str, d: int, overrides: dict | None = None) -> Callable | str:
+def provider_fn(name: str, d: int, device: torch.device, overrides: dict | None = None) -> Callable | str:
+    """The loss callable ``(img, txt, scale) -> scalar`` of a provider, or why it cannot run here."""
     if name == "naive":
         return naive_loss
-    if name == "chunked":
-        return vlscale_loss(name)
-    if name == "triton":
-        return triton_loss(overrides or {})
     if name == "infcl":
-        if d % 256:
-            return f"Inf-CL needs D divisible by 256 (D={d})"
-        return infcl_loss()
-    raise ValueError(f"unknown provider {name!r}")
+        return f"Inf-CL needs D divisible by 256 (D={d})" if d % 256 else infcl_loss()
+    from vlscale.loss import contrastive_loss
+    from vlscale.loss.backends import get_backend
 
+    if name not in registered_backends():
+        raise SystemExit(f"unknown provider {name!r}: choose among {', '.join(all_providers())}")
+    try:
+        backend = get_backend(name, device)
+    except ValueError as exc:  # e.g. triton without a capable GPU or the interpreter
+        return str(exc)
+    if overrides and name == "triton":
+        from vlscale.loss.triton_backend import TritonBackend
 
-
-
-def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int) -> float:
-    """Measured dense matmul rate (n³, the given dtype): the denominator of the floor."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, reps=5)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+        backend = TritonBackend(**overrides)
+    return lambda img, txt, scale: contrastive_loss(img, txt, scale, impl=backend)
 
 
 def make_inputs(b: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     img = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
     txt = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    t = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)  # learnable scalar, like CLIP
+    t = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)  # learnable, like CLIP
     return img, txt, t
 
 
 def step_fn(loss_fn: Callable, img, txt, t, mode: str) -> Callable[[], None]:
-    def run() -> None:
+    """One call of ``mode``: ``fwd`` (no graph), ``bwd`` (the backward of a forward already run), ``full``."""
+    def zero() -> None:
         for x in (img, txt, t):
             x.grad = None
-        if mode == "fwd":
+
+    if mode == "fwd":
+        def run() -> None:
             with torch.no_grad():
                 loss_fn(img, txt, t.exp())
-            return
-        loss_fn(img, txt, t.exp()).backward()
+    elif mode == "bwd":
+        loss = loss_fn(img, txt, t.exp())
 
+        def run() -> None:
+            zero()
+            loss.backward(retain_graph=True)
+    else:
+        def run() -> None:
+            zero()
+            loss_fn(img, txt, t.exp()).backward()
     return run
 
 
 def errors_vs_float64(loss_fn: Callable, img, txt, t) -> dict[str, float]:
-    """Relative max error of loss and every gradient against the float64 reference backend."""
-    from vlscale.loss import contrastive_loss
-
-    def grads(fn, *xs):
+    """Relative max error of the loss and of every gradient against a float64 dense reference."""
+    def grads(fn: Callable, *xs: torch.Tensor) -> list[torch.Tensor]:
         for x in xs:
             x.grad = None
         out = fn(xs[0], xs[1], xs[2].exp())
         out.backward()
-        return [out.detach().double()] + [x.grad.detach().double() for x in xs]
+        return [out.detach()] + [x.grad.detach() for x in xs]
 
     got = grads(loss_fn, img, txt, t)
     ref_in = [x.detach().double().requires_grad_() for x in (img, txt, t)]
-    want = grads(lambda a, b, s: contrastive_loss(a, b, s, impl="reference"), *ref_in)
-    names = ["loss", "d_image", "d_text", "d_logit_scale"]
-    return {n: float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for n, g, w in zip(names, got, want)}
+    want = grads(naive_loss, *ref_in)
+    return {k: harness.rel_err(g, w) for k, g, w in zip(ERROR_KEYS, got, want)}
 
 
-def measure(name: str, b: int, d: int, args, device: torch.device, rate: float) -> dict:
-    row = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": args.mode}
-    overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
-    if overrides:
-        row["triton_settings"] = overrides
-    fn = provider_fn(name, d, overrides)
+def error_limits(naive_errors: dict[str, float], dtype: str) -> dict[str, float]:
+    return {k: 2.0 * naive_errors[k] + REL_FLOOR[dtype] for k in ERROR_KEYS}
+
+
+def build_case(case: dict) -> Callable[[], None]:
+    """Inputs and the call of one case (the fresh-process memory measurement builds it here)."""
+    device = torch.device(case["device"])
+    fn = provider_fn(case["provider"], case["D"], device, case.get("triton_settings"))
     if isinstance(fn, str):
-        return {**row, "status": "skipped", "note": fn}
-    dtype = DTYPES[args.dtype]
-    try:
-        img, txt, t = make_inputs(b, d, dtype, device, seed=b + d)
-        run = step_fn(fn, img, txt, t, args.mode)
-        if device.type == "cuda":
-            row["peak_extra_mib"] = peak_extra_mib(run, device)
-        ms = time_ms(run, device, args.reps)
-        flops = (8 if args.mode == "full" else 2) * b * b * d
-        row.update(status="ok", ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-                   floor_ms=flops / (rate * 1e12) * 1e3)
-        row["ratio_to_floor"] = ms / row["floor_ms"]
-        if b <= args.check_max and args.mode == "full":
-            row["max_rel_err_vs_fp64"] = errors_vs_float64(fn, img, txt, t)
-    except torch.cuda.OutOfMemoryError:
-        row.update(status="oom")
-    except Exception as exc:  # e.g. triton OutOfResources for a tuning candidate: record, go on
-        if not args.tune:
-            raise
-        row.update(status="failed", note=f"{type(exc).__name__}: {str(exc)[:200]}")
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        raise RuntimeError(fn)
+    img, txt, t = make_inputs(case["B"], case["D"], DTYPES[case["dtype"]], device, seed=case["B"] + case["D"])
+    return step_fn(fn, img, txt, t, case["mode"])
+
+
+def _checked(row: dict, fn: Callable, inputs: tuple, limits: dict[str, float], rec: harness.Recorder) -> dict:
+    """Add the float64 errors and their verdict to ``row`` (a failure is recorded in ``rec``)."""
+    row["max_rel_err_vs_fp64"] = errors_vs_float64(fn, *inputs)
+    row["error_limits"] = limits
+    what = f"{row['provider']} B={row['B']} D={row['D']} {row['dtype']}"
+    row["check"] = "pass" if rec.check(what, row["max_rel_err_vs_fp64"], limits) else "FAIL"
     return row
 
 
-def environment(device: torch.device, rate: float, args) -> dict:
-    import triton
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": name,
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "matmul_tflops_measured": rate,
-        "matmul_dtype": args.rate_dtype,
-        "config": vars(args) | {"out": str(args.out)},
-    }
+def measure(name: str, b: int, d: int, mode: str, args: argparse.Namespace, device: torch.device, rate: float,
+            limits: dict[str, float] | None, rec: harness.Recorder) -> dict:
+    return measure_group([name], b, d, mode, args, device, rate, limits, rec)[0]
 
 
-def to_markdown(env: dict, rows: list[dict]) -> str:
-    lines = [
-        "# Symmetric CLIP loss, forward + backward" if env["config"]["mode"] == "full" else "# forward only",
-        "",
-        f"Device: {env['device']} ({env['device_type']}); torch {env['torch']}, triton {env['triton']}; "
-        f"{env['timestamp']}. Measured {env['matmul_dtype']} matmul: {env['matmul_tflops_measured']:.3g} TFLOP/s "
-        "(the floor's denominator).",
-        "",
-        "| provider | B | D | ms | TFLOP/s | floor ms | × floor | peak extra MiB | max rel err (loss / dI / dT / ds) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['provider']} | {r['B']} | {r['D']} | {r['status']} | | | | | {r.get('note', '')} |")
-            continue
-        err = r.get("max_rel_err_vs_fp64")
-        err_s = " / ".join(f"{v:.1e}" for v in err.values()) if err else "–"
-        mem = f"{r['peak_extra_mib']:.0f}" if "peak_extra_mib" in r else "–"
-        lines.append(f"| {r['provider']} | {r['B']} | {r['D']} | {r['ms']:.3f} | {r['tflops']:.3g} | "
-                     f"{r['floor_ms']:.3f} | {r['ratio_to_floor']:.2f} | {mem} | {err_s} |")
-    lines += ["", "Config: `" + json.dumps(env["config"]) + "`", ""]
+def measure_group(names: list[str], b: int, d: int, mode: str, args: argparse.Namespace, device: torch.device,
+                  rate: float, limits: dict[str, float] | None, rec: harness.Recorder) -> list[dict]:
+    """One (B, D, mode) for several providers on shared inputs. On CUDA each provider is timed with
+    do_bench in turn; on a (shared) CPU the calls are interleaved round by round together with a
+    matmul of the loss's tile shape, so other processes' load hits every provider and the rate alike."""
+    rows: dict[str, dict] = {}
+    fns: dict[str, Callable] = {}
+    for name in names:
+        row = rows[name] = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode}
+        overrides = json.loads(args.triton_settings) if name == "triton" and args.triton_settings else {}
+        if overrides:
+            row["triton_settings"] = overrides
+        cap = args.max_size.get(name)
+        fn = f"B > {cap} (--provider-max-size)" if cap is not None and b > cap else provider_fn(name, d, device,
+                                                                                               overrides)
+        if isinstance(fn, str):
+            row.update(status="skipped", note=fn)
+        else:
+            fns[name] = fn
+    inputs = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
+
+    def crashed(name: str, exc: BaseException) -> None:
+        fns.pop(name, None)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            rows[name]["status"] = "oom"
+            return
+        if not args.tune:  # a provider that crashes fails the run; the sweep goes on
+            rec.failures.append(f"{name} B={b} D={d} {mode}: {type(exc).__name__}: {str(exc)[:200]}")
+        rows[name].update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    timings: dict[str, dict] = {}
+    if not args.check_only:
+        runs = {}
+        for name, fn in list(fns.items()):
+            try:
+                runs[name] = step_fn(fn, *inputs, mode)
+            except Exception as exc:
+                crashed(name, exc)
+        if device.type == "cuda":
+            for name, run in runs.items():
+                try:  # the memory call is also the warm-up (compilation) of the timing
+                    if args.memory != "off":
+                        rows[name]["peak_extra_mib"] = harness.peak_extra_cuda(run, device) / 2**20
+                    timings[name] = harness.time_fn(run, device, reps=args.reps, warmed=args.memory != "off")
+                except Exception as exc:
+                    crashed(name, exc)
+                finally:
+                    torch.cuda.empty_cache()
+        elif runs:
+            m, k, n = (1024, 512, 4096) if not args.smoke else (256, 32, 256)
+            a_, b_ = torch.randn(m, k, dtype=DTYPES[args.dtype]), torch.randn(k, n, dtype=DTYPES[args.dtype])
+            got = harness.time_interleaved({**runs, "__matmul__": lambda: a_ @ b_}, reps=args.reps,
+                                           min_time_s=args.min_time)
+            rate = 2.0 * m * k * n / (got.pop("__matmul__")["median_ms"] * 1e-3)
+            for name, res in got.items():
+                if isinstance(res, BaseException):
+                    crashed(name, res)
+                else:
+                    timings[name] = res
+        del runs
+    for name, timing in timings.items():
+        flops, ms = FLOOR_FACTOR[mode] * b * b * d, timing["median_ms"]
+        row = rows[name]
+        row.update(status="ok", ms=ms, **{k: v for k, v in timing.items() if k != "median_ms"}, flops=flops,
+                   tflops=flops / (ms * 1e-3) / 1e12, matmul_tflops=rate / 1e12, floor_ms=flops / rate * 1e3)
+        row.update(ratio_to_floor=ms / row["floor_ms"], fraction_of_matmul=row["tflops"] * 1e12 / rate)
+    if limits is not None and (mode == "full" or args.check_only):
+        for name, fn in list(fns.items()):
+            try:
+                _checked(rows[name], fn, inputs, limits, rec)
+                rows[name].setdefault("status", "ok")
+            except Exception as exc:
+                crashed(name, exc)
+    del inputs
+    if args.memory != "off" and device.type == "cpu" and not args.check_only:
+        for name in timings:
+            case = {"provider": name, "B": b, "D": d, "dtype": args.dtype, "mode": mode, "device": "cpu",
+                    "triton_settings": rows[name].get("triton_settings")}
+            got = harness.peak_extra_fresh_process(__file__, case)
+            if "peak_extra_bytes" in got:
+                rows[name].update(peak_extra_mib=got["peak_extra_bytes"] / 2**20,
+                                  memory_method="RSS growth, fresh process")
+            else:
+                rows[name]["memory_note"] = got.get("error")
+    return [rows[name] for name in names]
+
+
+def to_markdown(rec: dict) -> str:
+    cfg = rec["config"]
+    lines = harness.md_header(rec, "Symmetric CLIP loss: " + ", ".join(harness.parse_list(cfg["modes"])))
+    rate = rec["summary"].get("matmul_tflops")
+    where = ("timed on its own at the start" if rec["device"] == "cuda" else
+             "timed at the start; each row's floor uses the rate timed in the same interleaved rounds as the "
+             "providers (column `matmul TFLOP/s`), so the machine's load hits both alike")
+    lines += [f"Measured {cfg['dtype']} matmul {rec['summary'].get('matmul_shape')}: {rate:.3g} TFLOP/s, {where} — "
+              "the floor's denominator (floor = 2·B²·D forward, 6·B²·D backward, 8·B²·D both). Memory: peak "
+              "beyond the inputs (" + ("CUDA allocator" if rec["device"] == "cuda" else
+                                       "RSS growth of one call in a fresh process") + "). Errors: max relative "
+              "error against float64 (loss / dI / dT / d logit_scale); thresholds = 2× the naive loss's own error "
+              f"+ {REL_FLOOR[cfg['dtype']]:g}.", ""]
+
+    def err(r: dict) -> str | None:
+        e = r.get("max_rel_err_vs_fp64")
+        return " / ".join(f"{v:.1e}" for v in e.values()) + f" ({r['check']})" if e else None
+
+    lines += harness.md_table(rec["rows"], [
+        ("provider", lambda r: r["provider"]), ("mode", lambda r: r["mode"]), ("B", lambda r: f"{r['B']:,}"),
+        ("D", lambda r: r["D"]), ("status", lambda r: r["status"] if r["status"] == "ok" else
+                                  f"{r['status']}: {r.get('note', '')}"),
+        ("median ms", lambda r: f"{r['ms']:.1f}"), ("q20–q80 ms", lambda r: f"{r['q20_ms']:.1f}–{r['q80_ms']:.1f}"),
+        ("reps", lambda r: r["reps"]), ("TFLOP/s", lambda r: f"{r['tflops']:.3g}"),
+        ("matmul TFLOP/s", lambda r: f"{r['matmul_tflops']:.3g}"),
+        ("× floor", lambda r: f"{r['ratio_to_floor']:.2f}"), ("peak extra MiB", lambda r: f"{r['peak_extra_mib']:,.0f}"),
+        ("max rel err vs fp64", err)])
+    lines += ["", *_vs_naive(rec["rows"]), "", *[f"![{p}]({p})" for p in rec.get("plots", [])], "", *rec["notes"],
+              "", "Config: `" + json.dumps(cfg) + "`", ""]
     return "\n".join(lines)
 
 
-# Coordinate descent over the Triton tile settings: one axis at a time, keep the fastest value.
-TUNE_AXES = {
-    "backward": ["banded", "fused"],
-    "block_n": [64, 128],
-    "block_m": [64, 128],
-    "block_d": [32, 64, 128],
-    "num_warps": [4, 8],
-    "num_stages": [2, 3, 4],
-    "grad_block_m": [32, 64, 128],
-    "grad_block_n": [32, 64, 128],
+def _vs_naive(rows: list[dict]) -> list[str]:
+    """Each provider's time and extra memory relative to the naive loss at the same (B, D, mode)."""
+    naive = {(r["B"], r["D"], r["mode"]): r for r in rows if r["provider"] == "naive" and "ms" in r}
+    out = []
+    for r in rows:
+        n = naive.get((r["B"], r["D"], r["mode"]))
+        if r["provider"] == "naive" or "ms" not in r or n is None:  # check-only rows are not timed
+            continue
+        mem = (f"{r['peak_extra_mib']:,.0f} MiB vs {n['peak_extra_mib']:,.0f} MiB extra"
+               if r.get("peak_extra_mib") is not None and n.get("peak_extra_mib") is not None else "memory not measured")
+        out.append(f"- {r['provider']} {r['mode']} B={r['B']:,}: {r['ms'] / n['ms']:.2f}× the naive loss's time; {mem}")
+    return ["Against the naive loss (same B, D, mode):", "", *out] if out else []
+
+
+TUNE_AXES = {  # coordinate descent over the Triton tile settings: one axis at a time, keep the fastest
+    "backward": ["banded", "fused"], "block_n": [64, 128], "block_m": [64, 128], "block_d": [32, 64, 128],
+    "num_warps": [4, 8], "num_stages": [2, 3, 4], "grad_block_m": [32, 64, 128], "grad_block_n": [32, 64, 128],
     "band_elems": [1 << 26, 1 << 27, 1 << 28],
 }
 
 
-def tune(args, device: torch.device, rate: float) -> list[dict]:
+def tune(args: argparse.Namespace, device: torch.device, rate: float, rec: harness.Recorder) -> None:
     """Time the triton provider for each candidate setting at the first (B, D); every try is recorded."""
-    b, d = int(args.sizes.split(",")[0]), int(args.dims.split(",")[0])
+    b, d = harness.parse_list(args.sizes, int)[0], harness.parse_list(args.dims, int)[0]
     best: dict = json.loads(args.triton_settings) if args.triton_settings else {}
-    rows = []
     for axis, values in TUNE_AXES.items():
         timed = {}
         for v in values:
             args.triton_settings = json.dumps({**best, axis: v})
-            rows.append(measure("triton", b, d, args, device, rate))
-            print(json.dumps(rows[-1]), flush=True)
-            if rows[-1]["status"] == "ok":
-                timed[v] = rows[-1]["ms"]
+            row = rec.add(measure("triton", b, d, "full", args, device, rate, None, rec))
+            if row["status"] == "ok":
+                timed[v] = row["ms"]
         if timed:
             best[axis] = min(timed, key=timed.get)
     args.triton_settings = json.dumps(best)
-    print(f"best triton settings at B={b}, D={d}: {args.triton_settings}", flush=True)
-    return rows
+    rec.notes.append(f"best triton settings at B={b}, D={d}: {args.triton_settings}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated batch sizes B")
-    p.add_argument("--dims", default="512,768", help="comma-separated embedding dims D")
+    harness.add_arguments(p, sizes=SIZES, providers="all", modes="full")
+    p.add_argument("--dims", default="512", help="comma-separated embedding dims D")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--providers", default="naive,chunked,triton,infcl")
-    p.add_argument("--mode", default="full", choices=["full", "fwd"])
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (CPU); do_bench on CUDA")
-    p.add_argument("--check-max", type=int, default=8192, help="largest B checked against float64")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run (checks the script, not speed)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--check-max", type=int, default=None, help="largest B checked against float64 "
+                   "(default 8192 on CUDA, 4096 on CPU)")
     p.add_argument("--triton-settings", default="", help='JSON KernelSettings overrides, e.g. {"block_n": 128}')
-    p.add_argument("--tune", action="store_true",
-                   help="first tune the triton tiles at the first size/dim (every try recorded), then sweep")
+    p.add_argument("--provider-max-size", default="", metavar="NAME=B,...",
+                   help="largest B per provider, e.g. triton=512 for the CPU interpreter (larger: skipped)")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the float64 checks (every size, mode full), no timing: the GPU check's kernel step")
+    p.add_argument("--tune", action="store_true", help="first tune the triton tiles at the first size (recorded)")
+    p.add_argument("--stem", default=None, help="results file stem (default contrastive_loss_<device>)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.dims, args.dtype, args.reps, args.check_max = "40", "32", "fp32", 1, 10**9
-    args.rate_dtype = "bf16" if not args.smoke else "fp32"
+        args.sizes, args.dims, args.dtype, args.reps, args.check_max, args.device = "40", "32", "fp32", 1, 10**9, "cpu"
+        args.memory = "off" if args.memory == "auto" else args.memory
+    if args.check_only:
+        args.modes, args.check_max, args.memory = "full", 10**12, "off"
+    args.max_size = {k: int(v) for k, v in (x.split("=") for x in harness.parse_list(args.provider_max_size))}
     return args
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Run the sweep; returns the JSON record's path. Raises SystemExit(1) after writing it if any
+    provider crossed its float64 threshold or crashed."""
     args = parse_args(argv)
-    _ensure_vlscale_importable()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    harness.ensure_vlscale_importable()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    providers = all_providers() if args.providers == "all" else harness.parse_list(args.providers)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("smoke: TRITON_INTERPRET is not 1, the triton provider will be skipped", file=sys.stderr)
-        args.providers = args.providers.replace("triton", "").strip(",").replace(",,", ",")
-    rate = matmul_tflops(DTYPES[args.rate_dtype], device, 8192 if device.type == "cuda" else 256)
-    rows = tune(args, device, rate) if args.tune else []
-    for d in (int(x) for x in args.dims.split(",")):
-        for b in (int(x) for x in args.sizes.split(",")):
-            for name in args.providers.split(","):
-                rows.append(measure(name, b, d, args, device, rate))
-                print(json.dumps(rows[-1]), flush=True)
-    env = environment(device, rate, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"contrastive_loss_{'smoke' if args.smoke else env['device'].replace(' ', '_')}_" \
-           f"{env['timestamp'].replace(':', '').replace('+0000', 'Z')}"
-    (args.out / f"{stem}.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
-    (args.out / f"{stem}.md").write_text(to_markdown(env, rows))
-    print(f"wrote {args.out / stem}.{{json,md}}")
-    return args.out / f"{stem}.json"
+    check_max = args.check_max if args.check_max is not None else (8192 if device.type == "cuda" else 4096)
+    stem = args.stem or ("contrastive_loss_smoke" if args.smoke else f"contrastive_loss_{device.type}")
+    rec = harness.Recorder("contrastive_loss", args, device, stem=stem, partial=True)
+    shape = (8192, 8192, 8192) if device.type == "cuda" else ((256, 32, 256) if args.smoke else (1024, 512, 4096))
+    rate = harness.matmul_rate(DTYPES[args.dtype], device, shape)
+    rec.summary.update(matmul_tflops=rate / 1e12, matmul_shape="×".join(map(str, shape)), providers=providers)
+    if args.tune:
+        tune(args, device, rate, rec)
+    modes = harness.parse_modes(args.modes)
+    for d in harness.parse_list(args.dims, int):
+        for b in harness.parse_list(args.sizes, int):
+            limits = None
+            if b <= check_max and "full" in modes:
+                img, txt, t = make_inputs(b, d, DTYPES[args.dtype], device, seed=b + d)
+                limits = error_limits(errors_vs_float64(naive_loss, img, txt, t), args.dtype)
+                del img, txt, t
+            for mode in modes:
+                for row in measure_group(providers, b, d, mode, args, device, rate, limits, rec):
+                    rec.add(row)
+    plots = [dict(name="time", x="B", y="ms", series=("provider", "mode"), ylabel="ms per call",
+                  title=f"time vs B ({args.dtype}, D={args.dims})"),
+             dict(name="memory", x="B", y="peak_extra_mib", series=("provider", "mode"), ylabel="MiB beyond inputs",
+                  title=f"peak memory beyond the inputs vs B ({args.dtype})")]
+    path = rec.write(to_markdown, plots)
+    if rec.failures:
+        raise SystemExit(1)
+    return path
 
 
 if __name__ == "__main__":

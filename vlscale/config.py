@@ -144,11 +144,18 @@ class TrainConfig:
     """tqdm progress bar on rank 0."""
     tensorboard: bool = True
     """Also write TensorBoard events next to metrics.jsonl."""
+    memory_phase_steps: int = 3
+    """Record each phase's peak memory (embed / loss / reforward / step) over this many steps after
+    the first into memory.json, for ``vlscale memory report`` (0 = off; later steps pay nothing)."""
+    memory_backend: Literal["auto", "rss", "tensors"] = "auto"
+    """How those phases are measured: auto = the CUDA allocator on GPU, sampled RSS on CPU;
+    tensors = exact live tensor bytes (a Python hook per op: small models only)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "log_every", "grad_accum_steps", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "max_nonfinite_skips"):
+        for name in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "max_nonfinite_skips",
+                     "memory_phase_steps"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")

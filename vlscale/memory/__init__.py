@@ -8,6 +8,12 @@
 * :mod:`vlscale.memory.towers` — parameter counts on the meta device and measured activation bytes.
 * :mod:`vlscale.memory.workload` — one rank's gradient-cached step with the other ranks simulated,
   to compare measured peaks with predictions.
+* :mod:`vlscale.memory.plan` — a recipe + world size + GPU → the prediction's inputs, the three
+  strategies (naive / fused / fused_gradcache) with their largest global batch, the verdict.
+* :mod:`vlscale.memory.measure` — a few real trainer steps, or one simulated rank under a CUDA
+  memory cap; :mod:`vlscale.memory.phases` — the per-phase record the trainer writes to memory.json.
+* :mod:`vlscale.memory.report` — report.md / report.json / PNG plots; :mod:`vlscale.memory.cli` —
+  ``vlscale memory plan | measure | report``.
 
 See docs/memory.md.
 """

@@ -7,8 +7,9 @@ components are not all alive at once:
 ``embed``      gradient cache pass 1: chunks embedded without a graph; the local embeddings grow
                (chunk pieces plus their concatenation: 2× the local embeddings at the end).
 ``loss``       the loss over local rows × gathered columns and d(loss)/d(embeddings).
-``reforward``  pass 3: one chunk re-forwarded with a graph and back-propagated; the embeddings and
-               their cached gradients are still referenced by the step.
+``reforward``  pass 3: one chunk re-forwarded with a graph and back-propagated; the embeddings'
+               cached gradients are still referenced by the step (the embeddings themselves are
+               dropped after the loss, as :class:`vlscale.gradcache.GradCache` does).
 ``fwd_bwd``    without gradient cache: activations of the whole local batch plus the loss.
 ``step``       the optimizer step: model states plus the fp32 copy of this rank's gradient partition.
 
@@ -39,6 +40,20 @@ CHUNKED_TILE_COPIES = 4
 # Row statistics (lse, coefficient, target logit) and column statistics (partial lse, merged lse,
 # coefficient, target logit), fp32 each.
 ROW_STATS, COL_STATS = 3, 4
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Bytes as GiB / MiB / KiB, whichever reads best."""
+    if n is None:
+        return "–"
+    if n == 0:
+        return "0"
+    a = abs(n)
+    if a >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if a >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
 
 
 @dataclass(frozen=True)
@@ -262,11 +277,14 @@ def predict_memory(
     }
     comps.update(_loss_components(loss_impl, b=global_batch, b_local=b_local, d=d, emb_bytes=emb_bytes,
                                   loss_block=loss_block, loss_workspace_bytes=loss_workspace_bytes))
-    base = ["model states", "zero-3 gathered params", "engine buffers"]
+    # DeepSpeed allocates its reduce bucket at a step's first backward and releases it after the
+    # optimizer step (``_release_ipg_buffers``); FSDP2's unsharded gradients live between the backward
+    # of the first chunk and the reduce-scatter: engine buffers belong to the backward phases.
+    base = ["model states", "zero-3 gathered params"]
     loss = ["local embeddings", "embedding grads", "gathered columns", "column grad partials",
             "loss statistics", "loss workspace"]
     if chunk is None:
-        phases = {"fwd_bwd": [*base, "inputs", "activations", *loss],
+        phases = {"fwd_bwd": [*base, "engine buffers", "inputs", "activations", *loss],
                   "step": [*base, "optimizer step transient"]}
     else:
         # Pass 1 ends with the chunk pieces and their concatenation alive at once.
@@ -274,7 +292,7 @@ def predict_memory(
         comps["no-grad forward transient"] = rows * float(nograd_act_bytes_per_row)
         phases = {"embed": [*base, "inputs", "local embeddings", "embedding pieces", "no-grad forward transient"],
                   "loss": [*base, *loss],
-                  "reforward": [*base, "inputs", "activations", "local embeddings", "embedding grads"],
+                  "reforward": [*base, "engine buffers", "inputs", "activations", "embedding grads"],
                   "step": [*base, "optimizer step transient"]}
     config = {"params": params, "world_size": world_size, "zero_stage": zero_stage,
               "precision": precision if isinstance(precision, str) else asdict(precision),

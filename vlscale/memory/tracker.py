@@ -164,6 +164,11 @@ class MemoryTracker:
         self.records: list[PhaseRecord] = []
         self._tensors: LiveTensorBytes | None = None
         self._active: str | None = None
+        self._sampler: _RssSampler | None = None
+        self._start = 0
+        self._start_t = 0.0
+        self.run_peak = 0
+        """CUDA backend: the allocator's peak over the whole run (phases reset its counter)."""
 
     # -- backends ------------------------------------------------------------------------------
     def _now(self) -> int:
@@ -190,34 +195,60 @@ class MemoryTracker:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Record the peak memory of the enclosed block as phase ``name`` (phases do not nest)."""
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end()
+
+    @property
+    def active(self) -> str | None:
+        """The phase being recorded (None between phases)."""
+        return self._active
+
+    def begin(self, name: str) -> None:
+        """Start recording phase ``name`` (for phases that do not fit one ``with`` block, e.g. a
+        training step observed through hooks); :meth:`end` or :meth:`switch` closes it."""
         if self._active is not None:
             # Resetting the peak for an inner phase would lose the outer phase's peak.
             raise RuntimeError(f"phase {name!r} opened inside phase {self._active!r}; phases do not nest")
         self._active = name
-        start_t = time.perf_counter()
-        sampler = None
+        self._start_t = time.perf_counter()
+        self._sampler = None
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
+            # The allocator has one peak counter: keep the run's peak before resetting it.
+            self.run_peak = max(self.run_peak, int(torch.cuda.max_memory_allocated(self.device)))
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.backend == "tensors":
             if self._tensors is None:
                 raise RuntimeError("the 'tensors' backend records inside `with tracker.tracking():` only")
             self._tensors.reset_peak()
         else:
-            sampler = _RssSampler(self.interval)
-        start = self._now()
-        try:
-            yield
-        finally:
-            self._active = None
-            if self.backend == "cuda":
-                torch.cuda.synchronize(self.device)
-                peak = int(torch.cuda.max_memory_allocated(self.device))
-            elif self.backend == "tensors":
-                peak = self._tensors.peak
-            else:
-                peak = sampler.stop()
-            self.records.append(PhaseRecord(name, start, max(peak, start), time.perf_counter() - start_t))
+            self._sampler = _RssSampler(self.interval)
+        self._start = self._now()
+
+    def end(self) -> PhaseRecord | None:
+        """Close the current phase (no-op between phases) and return its record."""
+        if self._active is None:
+            return None
+        name, self._active = self._active, None
+        if self.backend == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.run_peak = max(self.run_peak, peak)
+        elif self.backend == "tensors":
+            peak = self._tensors.peak
+        else:
+            peak = self._sampler.stop()
+        record = PhaseRecord(name, self._start, max(peak, self._start), time.perf_counter() - self._start_t)
+        self.records.append(record)
+        return record
+
+    def switch(self, name: str) -> None:
+        """Close the current phase (if any) and start ``name``."""
+        self.end()
+        self.begin(name)
 
     # -- reports -------------------------------------------------------------------------------
     def peaks(self) -> dict[str, int]:

@@ -201,9 +201,11 @@ def run_rank_step(model: nn.Module, make_inputs: InputsFn, optimizer: torch.opti
                                          global_batch=global_batch, impl=loss_impl)
             loss.backward()
             grads = {k: v.grad for k, v in leaves.items()}
+            # As GradCache does: the replay needs only the gradients, not the embeddings.
+            del embs, leaves
         with tracker.phase("reforward"):
             _reforward(model, make_inputs, grads, scale.grad, chunk, device, autocast)
-        del embs, leaves, grads
+        del grads
     with tracker.phase("step"):
         optimizer.step()
         # Keep the gradient buffers (as engines do): they are part of the model states.

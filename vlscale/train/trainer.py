@@ -31,6 +31,7 @@ from vlscale.config import Config, save_config
 from vlscale.data import build_loader
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
+from vlscale.memory.phases import StepPhases
 from vlscale.train import checkpoint as ckpt
 from vlscale.train.build import build_model, full_shapes
 from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
@@ -83,6 +84,10 @@ class Trainer:
                                        tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro,
                                        chunk_sizes=key_chunks)
         self.loss_fn = self.objective  # what the gradient cache calls (tests may wrap it)
+        # Peak memory per phase of a few steps, for memory.json (vlscale memory report).
+        self.phase_memory = StepPhases(self.rt.device, steps=cfg.train.memory_phase_steps,
+                                       backend=cfg.train.memory_backend).attach(
+            gradcache=self.gradcache, engine=self.engine, module=self.engine.module)
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
         self.losses: dict[int, float] = {}
@@ -266,7 +271,7 @@ class Trainer:
 
     def _memory_report(self) -> None:
         """Every rank's peak memory, gathered into <run_dir>/memory.json (the demo prints it)."""
-        mine = memory_stats(self.rt.device)
+        mine = self.phase_memory.merge_into(memory_stats(self.rt.device))
         reports = [mine]
         if self.rt.world_size > 1:
             reports = [None] * self.rt.world_size
