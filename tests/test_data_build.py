@@ -71,12 +71,12 @@ def test_failed_write_leaves_no_shard(tmp_path, rng) -> None:
 def _folder_source(root, rng, fmt: str) -> tuple:
     imgs = root / "imgs"
     imgs.mkdir()
-    for i in range(6):
+    for i in range(7):
         (imgs / f"{i}.jpg").write_bytes(synthetic_image(rng))
     (imgs / "bad.jpg").write_bytes(b"broken")
     rows = [{"file": f"{i}.jpg", "caption": f"folder {i}", "concepts": "dog|cat"} for i in range(6)]
     rows += [{"file": "bad.jpg", "caption": "bad"}, {"file": "gone.jpg", "caption": "missing"},
-             {"file": "0.jpg", "caption": ""}]
+             {"file": "6.jpg", "caption": ""}]
     if fmt == "jsonl":
         caps = root / "caps.jsonl"
         caps.write_text("\n".join(json.dumps(r) for r in rows))
@@ -91,10 +91,10 @@ def _tar(path, rng, n: int) -> None:
     with tarfile.open(path, "w") as tar:
         for i in range(n):
             for ext, data in (("jpg", synthetic_image(rng)), ("txt", f"tar caption {i}".encode())):
-                info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
+                info = tarfile.TarInfo(f"{path.stem}-{i:04d}.{ext}")  # keys unique over the tars, as webdataset's
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        info = tarfile.TarInfo("orphan.txt")  # caption without an image
+        info = tarfile.TarInfo(f"{path.stem}-orphan.txt")  # caption without an image
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
 
@@ -108,19 +108,34 @@ def test_cli_build_from_folder_wds_and_parquet(tmp_path, rng, capsys, fmt: str) 
                              "text": [f"table {i}" for i in range(6)]}), tmp_path / "t.parquet")
     out = tmp_path / "shards"
     argv = ["shards", "build", str(out), "--folder", "photos", str(imgs), str(caps), "--wds", "web",
-            str(tmp_path / "part*.tar"), "--table", "tab", str(tmp_path / "t.parquet"), "--image-column", "img",
-            "--caption-column", "text", "--shard-size", "2KB", "--no-progress", "--summary-json",
+            str(tmp_path / "part*.tar"), "--shard-size", "2KB", "--no-progress", "--workers", "1", "--summary-json",
             str(tmp_path / "summary.json")]
+    # column options apply to every --folder / --table of a command: the table, whose columns are
+    # named differently, is built by a second command into the same folder
+    table_argv = ["shards", "build", str(out), "--table", "tab", str(tmp_path / "t.parquet"), "--image-column", "img",
+                  "--caption-column", "text", "--no-progress", "--summary-json", str(tmp_path / "summary_t.json")]
     assert vlscale_main(argv) == 0
     text = capsys.readouterr().out
     assert "photos: wrote 6 pairs" in text and "missing_file: 1" in text and "unreadable_image: 1" in text
-    summary = {s["source"]: s for s in json.loads((tmp_path / "summary.json").read_text())}
+    assert vlscale_main(table_argv) == 0
+    summary = {s["source"]: s for s in json.loads((tmp_path / "summary.json").read_text())
+               + json.loads((tmp_path / "summary_t.json").read_text())}
     assert summary["web"]["written"] == 8 and summary["web"]["rejected"] == {"missing_file": 2}  # one orphan caption per tar
     assert summary["tab"]["written"] == 5 and summary["tab"]["rejected"] == {"unreadable_image": 1}
     assert summary["photos"]["rejected"] == {"missing_file": 1, "unreadable_image": 1, "empty_caption": 1}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"photos": 6, "tab": 5, "web": 8}  # the second build re-indexed the folder
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["source"], r["reason"]) for r in rejected) == sorted(
+        [("photos", "missing_file"), ("photos", "unreadable_image"), ("photos", "empty_caption"),
+         ("web", "missing_file"), ("web", "missing_file"), ("tab", "unreadable_image")])
+    assert {r["path"] for r in rejected if r["reason"] == "missing_file" and r["source"] == "photos"} == {
+        str(imgs / "gone.jpg")}
 
-    assert vlscale_main(argv) == 1  # existing shards: refused without --overwrite
-    assert "--overwrite" in capsys.readouterr().err
+    assert vlscale_main(argv) == 0  # the same build again: every task is done, nothing is rewritten
+    assert "already done" in capsys.readouterr().out
+    assert vlscale_main([*argv[:5], str(imgs), str(caps), "--shard-size", "4KB", "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err  # other options for the same source: refused
     assert vlscale_main([*argv, "--overwrite"]) == 0
     capsys.readouterr()
 
@@ -162,7 +177,7 @@ def test_round_trip_through_datasets_and_pyarrow(tmp_path, rng) -> None:
     ds.to_parquet(str(tmp_path / "exported.parquet"))
     assert vlscale_main(["shards", "build", str(tmp_path / "again"), "--table", "hf2", str(tmp_path / "exported.parquet"),
                          "--no-progress"]) == 0
-    table = pa.ipc.open_file(tmp_path / "again" / "hf2-00000.arrow").read_all()
+    table = pa.ipc.open_file(tmp_path / "again" / "hf2-00000-00000.arrow").read_all()  # source-task-shard
     assert table.column("image").to_pylist() == images and table.column("key").to_pylist() == [f"k{i}" for i in range(5)]
 
 

@@ -15,6 +15,7 @@ damaged cache file is dropped and re-read, never trained on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -96,10 +97,8 @@ class BlockCache:
             path.unlink(missing_ok=True)  # damaged or from an older file: read it again
             IO_STATS.add(io_cache_bad=1)
             return None
-        try:
+        with contextlib.suppress(OSError):  # evicted meanwhile by another process
             os.utime(path)  # mtime = last use: what the LRU eviction sorts by
-        except OSError:
-            pass
         IO_STATS.add(io_cache_hits=1)
         return data
 

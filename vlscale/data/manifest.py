@@ -173,7 +173,7 @@ def describe_shard(location: str, size: int | None = None, *, checksums: bool = 
     batch_sources = None
     if len(counts) != 1 or sum(counts.values()) != sum(rows):  # another tool's table: look at the rows
         batch_sources, counts = [], {}
-        for (off, m, b), n in zip(blocks, rows):
+        for off, m, b in blocks:
             batch = pa.ipc.read_record_batch(pa.py_buffer(f.read_at(off, m + b)), schema)
             values = batch.column("source").value_counts().to_pylist()
             for v in values:
