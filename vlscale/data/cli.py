@@ -28,16 +28,12 @@ from vlscale.data.schema import SHARD_SUFFIX
 from vlscale.data.sources import SourceSpec
 from vlscale.data.stream import shard_refs
 
-_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30, "gib": 1 << 30,
-          "tb": 1 << 40, "tib": 1 << 40}
-
-
 def parse_size(text: str) -> int:
     """``"256MB"`` -> bytes (binary units: KB = KiB)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 512KB, 256MB, 1GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return fs.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def parse_part(text: str) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlscale.data.collate import Batch, EndOfStream, collate
+from vlscale.data.fs import IO_STATS
 from vlscale.data.sampling import MIXED, BatchScheduler
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
 from vlscale.data.transforms import ImageTransform
@@ -106,6 +107,7 @@ class ShardDataset(IterableDataset):
         state = self.worker_states.get(worker, {})
         k, positions = int(state.get("k", 0)), dict(state.get("pos", {}))
         stats: Counter = Counter()
+        io_start = IO_STATS.snapshot()  # remote I/O of this pass (requests, bytes, retries) joins the stats
         while (name := sched.choose(k, positions)) is not None:
             rng = batch_rng(self.seed, self.epoch, g, k)
             images, rows, positions[name] = self._fill(streams[name], positions.get(name, 0), rng, stats)
@@ -117,10 +119,10 @@ class ShardDataset(IterableDataset):
             stats["samples"] += len(rows)
             batch.worker = worker
             batch.state = {"epoch": self.epoch, "k": k, "pos": dict(positions)}
-            batch.stats = dict(stats)
+            batch.stats = {**stats, **IO_STATS.since(io_start)}
             yield batch
         yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions)},
-                          stats=dict(stats))
+                          stats={**stats, **IO_STATS.since(io_start)})
 
     def _fill(self, stream: RowStream, position: int, rng: random.Random,
               stats: Counter) -> tuple[list[np.ndarray], list[dict], int]:

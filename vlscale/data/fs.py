@@ -27,6 +27,7 @@ import glob as globlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -66,6 +67,13 @@ class StorageOptions:
     """Socket timeout of one request (a stalled connection becomes a retried error)."""
 
 
+def storage_options(data_cfg: object) -> StorageOptions:
+    """``StorageOptions`` from a ``vlscale.config.DataConfig`` (its ``io_*``/``cache_*`` fields)."""
+    return StorageOptions(retries=data_cfg.io_retries, readahead=data_cfg.readahead, io_threads=data_cfg.io_threads,
+                          cache_dir=data_cfg.cache_dir,
+                          cache_bytes=parse_size(data_cfg.cache_size, "data.cache_size") if data_cfg.cache_dir else 1)
+
+
 class IOCounters:
     """Thread-safe per-process counters of remote I/O (requests, bytes, retries, cache hits)."""
 
@@ -92,6 +100,18 @@ IO_STATS = IOCounters()
 
 class StorageError(ValueError):
     """A remote read or write failed for good (not found, access denied, or retries exhausted)."""
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30,
+          "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``"256MB"`` -> bytes (binary units: KB = KiB); ``ValueError`` naming ``what`` otherwise."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{what}: bad size {text!r}; use e.g. 512KB, 256MB, 1GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 # --------------------------------------------------------------------------- locations
@@ -137,7 +157,7 @@ def _s3_endpoint() -> dict:
     return {"endpoint_override": parts.netloc, "scheme": parts.scheme or "https"}
 
 
-_FILESYSTEMS: dict[tuple[int, str], pafs.FileSystem] = {}
+_FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
 
 
@@ -161,7 +181,8 @@ def filesystem(location: str, *, request_timeout_s: float = 60.0) -> tuple[pafs.
     _check_no_secret(location)
     parts = urlsplit(location)
     scheme = parts.scheme.lower()
-    key = (os.getpid(), scheme)  # a forked child must not reuse its parent's SDK client
+    # a forked child must not reuse its parent's SDK client; a changed endpoint needs a new one
+    key = (os.getpid(), scheme, request_timeout_s, tuple(sorted(_s3_endpoint().items())) if scheme == "s3" else ())
     with _FS_LOCK:
         if key not in _FILESYSTEMS:
             _FILESYSTEMS[key] = _make_filesystem(scheme, request_timeout_s)
@@ -224,7 +245,8 @@ def list_files(location: str, suffix: str, *, request_timeout_s: float = 60.0) -
 
 
 # --------------------------------------------------------------------------- retries
-_TRANSIENT = ("500", "502", "503", "504", "slowdown", "slow down", "throttl", "requesttimeout", "timeout",
+_TRANSIENT = ("500", "502", "503", "504", "slowdown", "slow down", "slow_down", "throttl", "unavailable",
+              "network_connection", "internal_failure", "request_timeout", "requesttimeout", "timeout",
               "timed out", "reset", "broken pipe", "connection", "curl", "empty reply", "unexpected eof",
               "temporarily", "internalerror", "serviceunavailable", "network", "transfer closed", "recv failure",
               "send failure", "premature", "incomplete")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from vlscale.data.collate import Batch
 from vlscale.data.dataset import ShardDataset, seed_worker_threads
+from vlscale.data.fs import StorageOptions
 from vlscale.data.stream import ShardIndex, default_rank_world
 from vlscale.data.transforms import build_transform
 
@@ -75,8 +76,9 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counts since the start of training: ``samples`` delivered, and skips by reason
-        (``unreadable_image``, ``empty_caption``, ``unreadable_batch``, ``unreadable_shard``)."""
+        """Counts since the start of training: ``samples`` delivered, skips by reason
+        (``unreadable_image``, ``empty_caption``, ``unreadable_batch``, ``unreadable_shard``), and
+        remote I/O of the workers (``io_requests``, ``io_bytes``, ``io_retries``, ``io_cache_hits``)."""
         total = Counter(self._base_stats)
         for counts in self._live_stats.values():
             total.update(counts)
@@ -135,7 +137,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  shuffle_buffer: int = 1024, drop_last: bool | None = None, max_length: int = 77,
                  on_error: str = "raise", pin_memory: bool | None = None, prefetch_factor: int = 2,
                  with_concepts: bool | None = None, scale: tuple[float, float] = (0.9, 1.0),
-                 hflip: float = 0.0, draft: bool | None = None) -> ShardLoader:
+                 hflip: float = 0.0, draft: bool | None = None, storage: StorageOptions | None = None) -> ShardLoader:
     """Build the loader over a shard folder or a list of shard files.
 
     ``train`` selects the random-resized-crop transform, shuffling and ``drop_last`` (each
@@ -143,12 +145,14 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
     ``on_error="skip"`` skips unreadable shards / record batches and counts them instead of raising.
     ``pin_memory`` defaults to whether CUDA is available (checked here, not at import).
     ``draft`` (reduced-scale JPEG decoding of large images) defaults to ``train``.
+    ``shards`` may be URLs (``s3://``, ``gs://``, ``hf://`` …); ``storage`` sets their retries,
+    read-ahead and local cache (:class:`vlscale.data.fs.StorageOptions`).
     """
     if rank is None or world_size is None:
         auto_rank, auto_world = default_rank_world()
         rank = auto_rank if rank is None else rank
         world_size = auto_world if world_size is None else world_size
-    index = ShardIndex(shards, on_error=on_error)
+    index = ShardIndex(shards, on_error=on_error, storage=storage)
     for path, why in index.skipped.items():
         log.warning("skipping shard %s: %s", path, why)
     transform = build_transform(train=train, image_size=image_size, data_config=data_config, scale=scale,
