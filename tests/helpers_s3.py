@@ -3,7 +3,8 @@
 ``S3Server`` runs moto's ``ThreadedMotoServer`` (it speaks the S3 HTTP API; the code under test
 uses the real ``pyarrow.fs.S3FileSystem`` client against it) behind ``FaultProxy``, a small HTTP
 proxy that forwards each request to moto and counts it by method and path; on a chosen fraction
-of requests it answers ``503 SlowDown`` or closes the connection without an answer instead.
+of requests it answers ``503 SlowDown`` or closes the connection without an answer instead,
+and it answers ``403 AccessDenied`` for the paths in ``deny``.
 Both run in threads of the test process. ``env()`` gives the standard AWS variables that point
 the SDK at the proxy with dummy credentials (no real account, no network).
 """
@@ -11,6 +12,7 @@ the SDK at the proxy with dummy credentials (no real account, no network).
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import random
 import socket
@@ -33,6 +35,7 @@ class FaultProxy(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: Counter = Counter()  # (method, path) -> count, faults included
         self.faults: Counter = Counter()  # "503" / "drop" -> count
+        self.deny: set[str] = set()  # paths answered 403 AccessDenied
 
     def pick_fault(self) -> str | None:
         with self.lock:
@@ -82,14 +85,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         body = self._read_body()
         self.server.count(self.command, urlsplit(self.path).path)
-        fault = self.server.pick_fault()
+        fault = "403" if urlsplit(self.path).path in self.server.deny else self.server.pick_fault()
         if fault == "drop":  # the connection dies before any answer
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault == "503":
-            payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
+        if fault in ("503", "403"):
+            payload = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                       if fault == "503" else b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>")
+            self.send_response(int(fault))
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -130,6 +134,7 @@ class S3Server:
         self.proxy: FaultProxy | None = None
 
     def start(self) -> S3Server:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
         self.moto.start()
         self.proxy = FaultProxy(self.moto.get_host_and_port())
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()

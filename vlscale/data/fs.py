@@ -250,8 +250,10 @@ _TRANSIENT = ("500", "502", "503", "504", "slowdown", "slow down", "slow_down", 
               "timed out", "reset", "broken pipe", "connection", "curl", "empty reply", "unexpected eof",
               "temporarily", "internalerror", "serviceunavailable", "network", "transfer closed", "recv failure",
               "send failure", "premature", "incomplete")
-_PERMANENT = ("403", "accessdenied", "access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch",
-              "404", "nosuchkey", "nosuchbucket", "not found", "does not exist")
+_DENIED = ("403", "accessdenied", "access denied", "access_denied", "forbidden", "invalidaccesskeyid",
+           "signaturedoesnotmatch", "invalid_access_key_id", "signature_does_not_match")
+_MISSING = ("404", "nosuchkey", "no_such_key", "nosuchbucket", "no_such_bucket", "not found", "does not exist")
+_PERMANENT = _DENIED + _MISSING
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -270,9 +272,9 @@ def describe(what: str, exc: BaseException) -> str:
     """One line naming the URL and the fix for a failure that will not be retried."""
     text = str(exc)
     low = text.lower()
-    if isinstance(exc, FileNotFoundError) or any(m in low for m in ("404", "nosuchkey", "does not exist")):
+    if isinstance(exc, FileNotFoundError) or any(m in low for m in _MISSING):
         return f"{what}: does not exist (404)"
-    if isinstance(exc, PermissionError) or any(m in low for m in ("403", "accessdenied", "forbidden")):
+    if isinstance(exc, PermissionError) or any(m in low for m in _DENIED):
         return (f"{what}: access denied (403): check the credentials the standard chain finds "
                 "(AWS_PROFILE / AWS_ACCESS_KEY_ID / instance role; GOOGLE_APPLICATION_CREDENTIALS) and the "
                 f"bucket policy ({text.splitlines()[0][:200]})")
