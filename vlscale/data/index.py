@@ -69,9 +69,10 @@ def finalize(out: str, *, checksums: bool = False, storage: fs.StorageOptions | 
     if lost:
         raise ValueError(f"{out}: {len(lost)} shard(s) the build wrote are gone (e.g. {lost[0]}); rebuild with "
                          "--overwrite or restore them")
-    if not entries:
+    if not entries and not records:
         raise ValueError(f"{out}: no *{SHARD_SUFFIX} shards to index")
-    write_manifest(fs.join(out, MANIFEST_NAME), [_relative(e, out) for e in sorted(entries, key=lambda e: e.path)])
+    if entries:  # a build that wrote nothing still gets its summary and rejected list
+        write_manifest(fs.join(out, MANIFEST_NAME), [_relative(e, out) for e in sorted(entries, key=lambda e: e.path)])
     sources = {}
     rejected_lines = []
     for folder in sorted(records):
