@@ -251,9 +251,13 @@ def _tar_end_ok(tar: tarfile.TarFile) -> bool:
 
 
 def _wds_pairs(task: Task, keys_only: bool) -> Iterator[Pair]:
-    f = _open_input(task.input)
     try:
-        with tarfile.open(fileobj=f, mode="r:*") as tar:
+        if fs.is_url(task.input):  # one buffered sequential read, not a range request per 512-byte header
+            filesystem, inner = fs.filesystem(task.input)
+            f, mode = fs.retry(lambda: filesystem.open_input_stream(inner, buffer_size=16 << 20), task.input), "r|*"
+        else:
+            f, mode = _open_input(task.input), "r:*"
+        with tarfile.open(fileobj=f, mode=mode) as tar:
             for key, parts in _tar_groups(tar, read=not keys_only):
                 if keys_only:
                     yield Pair(key)
