@@ -13,10 +13,12 @@ and 403s and counts every request (see ``helpers_s3``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -100,6 +102,31 @@ def test_build_to_s3_and_train_from_it_equal_local_through_faults_and_resume(s3,
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if k > 2}
     saved = (tmp_path / "s3" / "checkpoints" / "step_000002").rglob("*")
     assert not any(b"testing" in p.read_bytes() for p in saved if p.is_file() and p.suffix == ".json")
+
+
+def test_build_from_tars_in_a_bucket_equals_build_from_local_tars(s3, tmp_path) -> None:
+    import tarfile
+
+    from vlscale.data.synthetic import synthetic_image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "tars").mkdir()
+    for t in range(2):
+        with tarfile.open(tmp_path / "tars" / f"p{t}.tar", "w") as tar:
+            for i in range(5):
+                for ext, data in (("jpg", synthetic_image(rng, (8, 8))), ("txt", f"cap {t} {i}".encode())):
+                    info = tarfile.TarInfo(f"p{t}-{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    s3fs, _ = fs.filesystem("s3://bkt/tars")
+    pafs.copy_files(str(tmp_path / "tars"), "bkt/tars", destination_filesystem=s3fs)
+    args = ["--rows-per-batch", "4", "--workers", "1", "--no-progress"]
+    assert vlscale_main(["shards", "build", str(tmp_path / "a"), "--wds", "w", "s3://bkt/tars/*.tar", *args]) == 0
+    assert vlscale_main(["shards", "build", str(tmp_path / "b"), "--wds", "w", str(tmp_path / "tars" / "*.tar"),
+                         *args]) == 0
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.arrow"))
+    assert len(shards) == 2 and shards == sorted(p.name for p in (tmp_path / "b").glob("*.arrow"))
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in shards)
 
 
 def test_startup_with_manifest_is_one_object_read_and_each_batch_one_get(s3, tmp_path) -> None:
@@ -208,6 +235,8 @@ def test_fsspec_scheme_and_locations(tmp_path) -> None:
     assert keys(json.dumps([str(tmp_path / "x"), str(tmp_path / "y")])) == both
     cfg = load_recipe("tiny-cpu", [f"data.train_shards=[\"{tmp_path / 'x'}\", \"{tmp_path / 'y'}\"]"])
     assert keys(cfg.data.train_shards) == both
+    with pytest.raises(ValueError, match="nosuchscheme:// locations need an fsspec implementation"):
+        build_loader("nosuchscheme://x/y", batch_size=2)
     with pytest.raises(ValueError, match="credentials in a URL") as err:
         build_loader("s3://AKIAXXXX:hunter2@bkt/x", batch_size=2)
     assert "hunter2" not in str(err.value)

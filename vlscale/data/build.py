@@ -168,9 +168,10 @@ def run_task(task: Task, spec: SourceSpec, out: str, opts: BuildOptions, dups: s
              storage: fs.StorageOptions | None = None, progress: queue.Queue | mp.Queue | None = None) -> dict:
     """Build one task: write its shards, then its record (the resume marker). Returns the record."""
     progress = progress if progress is not None else _PROGRESS
+    # a rerun rewrites the same names (the output is deterministic), so no listing is needed
     writer = ShardWriter(out, spec.name, prefix=f"{safe_prefix(spec.name)}-{task.index:05d}", overwrite=True,
                          target_shard_bytes=opts.target_shard_bytes, rows_per_batch=opts.rows_per_batch,
-                         validate=opts.validate, storage=storage)
+                         validate=opts.validate, storage=storage, scan_existing=False)
     rejected_rows: list[dict] = []
     current: dict = {}
     writer.on_reject = lambda reason, key: rejected_rows.append(

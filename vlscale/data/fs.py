@@ -170,7 +170,10 @@ def _make_filesystem(scheme: str, request_timeout_s: float) -> pafs.FileSystem:
         return pafs.GcsFileSystem(request_timeout=request_timeout_s, retry_time_limit=0)
     import fsspec  # only for the schemes pyarrow has no native client for
 
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    try:
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    except (ImportError, ValueError) as e:  # unknown scheme, or its implementation is not installed
+        raise ValueError(f"{scheme}:// locations need an fsspec implementation: {e}") from e
 
 
 def filesystem(location: str, *, request_timeout_s: float = 60.0) -> tuple[pafs.FileSystem, str]:

@@ -24,9 +24,11 @@ import csv
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -250,14 +252,26 @@ def _tar_end_ok(tar: tarfile.TarFile) -> bool:
     return len(tail) == 1024 and not tail.strip(b"\0")
 
 
+def _local_copy(location: str) -> BinaryIO:
+    """A remote file copied to a temporary local file in one buffered read (a tar is parsed
+    in 512-byte headers: one range request each would be thousands of round trips)."""
+    filesystem, inner = fs.filesystem(location)
+
+    def download() -> BinaryIO:
+        out = tempfile.TemporaryFile()
+        with filesystem.open_input_stream(inner, buffer_size=16 << 20) as src:
+            while chunk := src.read(16 << 20):
+                out.write(chunk)
+        out.seek(0)
+        return out
+
+    return fs.retry(download, location)
+
+
 def _wds_pairs(task: Task, keys_only: bool) -> Iterator[Pair]:
     try:
-        if fs.is_url(task.input):  # one buffered sequential read, not a range request per 512-byte header
-            filesystem, inner = fs.filesystem(task.input)
-            f, mode = fs.retry(lambda: filesystem.open_input_stream(inner, buffer_size=16 << 20), task.input), "r|*"
-        else:
-            f, mode = _open_input(task.input), "r:*"
-        with tarfile.open(fileobj=f, mode=mode) as tar:
+        f = _local_copy(task.input) if fs.is_url(task.input) else _open_input(task.input)
+        with tarfile.open(fileobj=f, mode="r:*") as tar:
             for key, parts in _tar_groups(tar, read=not keys_only):
                 if keys_only:
                     yield Pair(key)

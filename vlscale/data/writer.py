@@ -109,9 +109,11 @@ class ShardWriter:
     fine-grained work units). ``on_reject(reason, key)`` is told of every rejected pair.
     """
 
+    on_reject = None  # set to a callable(reason, key) to hear of every rejection
+
     def __init__(self, out_dir: str | Path, source: str, *, target_shard_bytes: int = 256 << 20,
                  rows_per_batch: int = 128, overwrite: bool = False, prefix: str | None = None,
-                 validate: str = "full", storage: fs.StorageOptions | None = None) -> None:
+                 validate: str = "full", storage: fs.StorageOptions | None = None, scan_existing: bool = True) -> None:
         if not source:
             raise ValueError("source must be a non-empty dataset name")
         if target_shard_bytes <= 0 or rows_per_batch <= 0:
@@ -127,13 +129,14 @@ class ShardWriter:
         self.validate, self.storage = validate, storage
         self.summary = WriteSummary(source=source)
         fs.make_dirs(self.out_dir)
-        self._stale = [loc for loc, _ in fs.list_files(fs.join(self.out_dir, f"{self.prefix}-*{SHARD_SUFFIX}"),
-                                                       SHARD_SUFFIX)]
+        # scan_existing=False: the caller knows no other shards carry this prefix (a build task, whose
+        # names are deterministic) and saves a listing of the whole output prefix per writer
+        pattern = fs.join(self.out_dir, f"{self.prefix}-*{SHARD_SUFFIX}")
+        self._stale = [loc for loc, _ in fs.list_files(pattern, SHARD_SUFFIX)] if scan_existing else []
         if self._stale and not overwrite:
             raise FileExistsError(
                 f"{self.out_dir}: {len(self._stale)} shard(s) named {self.prefix}-*{SHARD_SUFFIX} already exist "
                 f"(e.g. {fs.basename(self._stale[0])}); pass overwrite=True (CLI: --overwrite) to replace them")
-        self.on_reject = None
         self._rows: dict[str, list] = {name: [] for name in ARROW_SCHEMA.names}
         self._row_crc: list[int] = []
         self._batches: list[tuple[pa.RecordBatch, list[int]]] = []
