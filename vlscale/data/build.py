@@ -159,9 +159,6 @@ _PROGRESS: mp.Queue | None = None
 def _init_worker(progress: mp.Queue | None) -> None:
     global _PROGRESS
     _PROGRESS = progress
-    import torch  # the package import pulled torch in; one thread per build worker
-
-    torch.set_num_threads(1)
 
 
 def run_task(task: Task, spec: SourceSpec, out: str, opts: BuildOptions, dups: set[int],
