@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,19 @@ def test_fsspec_scheme_and_locations(tmp_path) -> None:
     with pytest.raises(ValueError, match="credentials in a URL") as err:
         build_loader("s3://AKIAXXXX:hunter2@bkt/x", batch_size=2)
     assert "hunter2" not in str(err.value)
+
+
+def test_block_cache_is_lru_and_bounded_across_readers(tmp_path) -> None:
+    from vlscale.data.cache import BlockCache
+
+    bound = 20_000
+    cache = BlockCache.shared(tmp_path, bound)
+    assert BlockCache.shared(tmp_path, bound) is cache  # one per process: every reader's bytes count
+    blob = bytes(range(256)) * 4  # 1 KiB
+    crc = zlib.crc32(blob)
+    for i in range(60):
+        cache.put(f"s3://b/{i}.arrow", 0, len(blob), crc, blob)
+        assert cache.get("s3://b/0.arrow", 0, len(blob), crc) == blob  # kept warm: never the LRU victim
+        assert cache.size() <= bound * 1.05
+    assert cache.get("s3://b/1.arrow", 0, len(blob), crc) is None  # cold and old: evicted
+    assert cache.get("s3://b/59.arrow", 0, len(blob), crc) == blob

@@ -72,7 +72,20 @@ class ReadAhead:
 
 
 class BlockCache:
-    """A size-bounded, LRU, multi-process-safe local cache of remote byte ranges."""
+    """A size-bounded, LRU, multi-process-safe local cache of remote byte ranges.
+
+    Use :meth:`shared` (one instance per process and folder): the bytes added since the last
+    eviction pass are counted per instance, and a pass runs every 5 % of the bound."""
+
+    _instances: dict[tuple[int, str, int], BlockCache] = {}
+
+    @classmethod
+    def shared(cls, root: str | os.PathLike, max_bytes: int) -> BlockCache:
+        key = (os.getpid(), str(root), int(max_bytes))
+        with _POOL_LOCK:
+            if key not in cls._instances:
+                cls._instances[key] = cls(root, max_bytes)
+            return cls._instances[key]
 
     def __init__(self, root: str | os.PathLike, max_bytes: int) -> None:
         if max_bytes <= 0:
@@ -82,6 +95,7 @@ class BlockCache:
         self.max_bytes = int(max_bytes)
         self._added = 0
         self._lock = threading.Lock()
+        self.evict()  # an earlier run may have left more than this bound
 
     def _path(self, url: str, offset: int, length: int, crc: int | None) -> Path:
         digest = hashlib.sha1(f"{url}\0{offset}\0{length}\0{crc}".encode()).hexdigest()
@@ -116,7 +130,7 @@ class BlockCache:
             return
         with self._lock:
             self._added += len(data)
-            due = self._added >= self.max_bytes // 10
+            due = self._added >= self.max_bytes // 20
             if due:
                 self._added = 0
         if due:

@@ -352,13 +352,6 @@ def write_bytes(location: str, data: bytes | pa.Buffer, options: StorageOptions 
     retry(put, location, opts)
 
 
-def exists(location: str) -> bool:
-    if not is_url(location):
-        return os.path.exists(location)
-    fs, path = filesystem(location)
-    return retry(lambda: fs.get_file_info(path), location).type != pafs.FileType.NotFound
-
-
 def delete(location: str) -> None:
     """Remove one file / object if it exists."""
     if not is_url(location):

@@ -131,7 +131,7 @@ class BlockReader:
     def __init__(self, location: str, entry: ShardEntry, options: fs.StorageOptions) -> None:
         self.location, self.entry, self.options = location, entry, options
         self.file = fs.RangeFile(location, options)
-        self.cache = BlockCache(options.cache_dir, options.cache_bytes) if options.cache_dir else None
+        self.cache = BlockCache.shared(options.cache_dir, options.cache_bytes) if options.cache_dir else None
 
     @property
     def num_record_batches(self) -> int:
