@@ -236,6 +236,11 @@ def test_fsspec_scheme_and_locations(tmp_path) -> None:
     assert keys(json.dumps([str(tmp_path / "x"), str(tmp_path / "y")])) == both
     cfg = load_recipe("tiny-cpu", [f"data.train_shards=[\"{tmp_path / 'x'}\", \"{tmp_path / 'y'}\"]"])
     assert keys(cfg.data.train_shards) == both
+    gcs, path = fs.filesystem("gs://bucket/prefix/a.arrow")  # native client; nothing contacted yet
+    assert isinstance(gcs, pafs.GcsFileSystem) and path == "bucket/prefix/a.arrow"
+    assert load_recipe("tiny-cpu", ["data.on_error=raise"]).data.on_error == "raise"
+    with pytest.raises(ValueError, match=r"data.on_error.*not one of \['raise', 'skip'\]"):
+        load_recipe("tiny-cpu", ["data.on_error=ignore"])
     with pytest.raises(ValueError, match="nosuchscheme:// locations need an fsspec implementation"):
         build_loader("nosuchscheme://x/y", batch_size=2)
     with pytest.raises(ValueError, match="credentials in a URL") as err:

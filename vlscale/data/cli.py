@@ -23,7 +23,7 @@ from collections import Counter
 
 from vlscale.data import fs
 from vlscale.data.build import BuildOptions, SourceReport, build_shards
-from vlscale.data.manifest import MANIFEST_NAME, read_manifest
+from vlscale.data.manifest import MANIFEST_NAME, ShardEntry, describe_shard, read_manifest
 from vlscale.data.schema import SHARD_SUFFIX
 from vlscale.data.sources import SourceSpec
 from vlscale.data.stream import shard_refs
@@ -124,10 +124,8 @@ def _build(args: argparse.Namespace) -> int:
     return 1 if failed or empty else 0
 
 
-def shard_info(path: str, entry=None) -> dict:
-    """Rows, record batches, per-source counts and schema version of one shard."""
-    from vlscale.data.manifest import describe_shard
-
+def shard_info(path: str, entry: ShardEntry | None = None) -> dict:
+    """Rows, record batches, bytes, per-source counts of one shard (from its manifest entry if given)."""
     entry = entry or describe_shard(path)
     return {"path": path, "rows": entry.rows, "record_batches": len(entry.batches), "bytes": entry.bytes,
             "counts": entry.counts, "has_concepts": entry.concepts,

@@ -22,6 +22,7 @@ above this module passes plain strings around.
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import glob as globlib
 import json
@@ -166,8 +167,8 @@ def _make_filesystem(scheme: str, request_timeout_s: float) -> pafs.FileSystem:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         return pafs.S3FileSystem(region=region, request_timeout=request_timeout_s, connect_timeout=10,
                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=0), **_s3_endpoint())
-    if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(request_timeout=request_timeout_s, retry_time_limit=0)
+    if scheme in ("gs", "gcs"):  # the client's own retries off (ours are counted); credentials: ADC
+        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=0))
     import fsspec  # only for the schemes pyarrow has no native client for
 
     try:
