@@ -151,6 +151,12 @@ def test_startup_with_manifest_is_one_object_read_and_each_batch_one_get(s3, tmp
     assert keys == [k for b in no_manifest for k in b.keys] == [k for b in build_loader(
         tmp_path, batch_size=4, image_size=8, train=False) for k in b.keys]
 
+    def debiased(location: object) -> list[tuple[str, list[str]]]:  # shuffled, one source per batch, 2 ranks
+        return [(b.source[0], b.keys) for rank in (0, 1) for b in build_loader(
+            location, batch_size=4, image_size=8, train=True, debiased=True, seed=5, rank=rank, world_size=2)]
+
+    assert debiased("s3://bkt/many") == debiased(tmp_path)
+
 
 def test_deleted_or_refused_object_is_named_or_skipped(s3, tmp_path) -> None:
     write_synthetic_shards("s3://bkt/gone", {"s": 24}, rows_per_batch=4, target_shard_bytes=2 << 10,
