@@ -97,7 +97,8 @@ def test_build_to_s3_and_train_from_it_equal_local_through_faults_and_resume(s3,
     assert remote["losses"] == full["losses"], "object storage changed the training"
     metrics = [json.loads(line) for line in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("data/io_retries", 0) for m in metrics) > 0
-    assert metrics[-1]["data/io_requests"] > 0 and metrics[-1]["data/skipped"] == 0
+    assert metrics[-1]["data/io_requests"] > 0  # and nothing was lost to the faults:
+    assert not any(metrics[-1].get(f"data/{k}", 0) for k in ("unreadable_batch", "unreadable_shard", "io_failures"))
     s3.proxy.fault_rate = 0.0
     resumed = run("s3-resumed", "s3://bkt/train", resume=str(tmp_path / "s3" / "checkpoints" / "step_000002"))
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if k > 2}
