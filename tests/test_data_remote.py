@@ -85,6 +85,7 @@ def test_build_to_s3_and_train_from_it_equal_local_through_faults_and_resume(s3,
     for name in local:  # shards, manifest, summary, rejected list: byte for byte
         with s3fs.open_input_stream(f"bkt/train/{name}") as f:
             assert f.read() == (tmp_path / "local" / name).read_bytes(), name
+    assert vlscale_main(["shards", "verify", "s3://bkt/train"]) == 0  # checksums, read remotely
 
     def run(name: str, shards: str, *extra: str, resume: str | None = None) -> dict:
         cfg = load_recipe("tiny-cpu", overrides({"train": shards}, tmp_path / name, LOCAL, *extra))
