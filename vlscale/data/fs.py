@@ -383,14 +383,16 @@ class RangeFile:
     def __init__(self, location: str, options: StorageOptions | None = None) -> None:
         self.location, self.options = location, options or StorageOptions()
         self._file: pa.NativeFile | None = None
+        self._lock = threading.Lock()  # read-ahead threads share one handle (read_at is thread-safe)
 
     def _open(self) -> pa.NativeFile:
-        if self._file is None:
-            fs, path = filesystem(self.location, request_timeout_s=self.options.request_timeout_s)
-            self._file = retry(lambda: fs.open_input_file(path), self.location, self.options)
-            if is_url(self.location):
-                IO_STATS.add(io_requests=1)
-        return self._file
+        with self._lock:
+            if self._file is None:
+                fs, path = filesystem(self.location, request_timeout_s=self.options.request_timeout_s)
+                self._file = retry(lambda: fs.open_input_file(path), self.location, self.options)
+                if is_url(self.location):
+                    IO_STATS.add(io_requests=1)
+            return self._file
 
     def size(self) -> int:
         return self._open().size()
