@@ -241,7 +241,7 @@ def build_shards(specs: list[SourceSpec], out: str, *, options: BuildOptions | N
     plans = [(spec, plan_tasks(spec, opts.task_rows)) for spec in specs]
     for spec, tasks in plans:  # every check before anything is written
         _prepare(out, spec, opts, tasks, part, overwrite)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     reports = [SourceReport(spec.name, tasks=sum(1 for t in tasks if t.index % n == k)) for spec, tasks in plans]
     todo: list[tuple[int, Task]] = []
     for s, (spec, tasks) in enumerate(plans):
