@@ -37,10 +37,11 @@ def _check(cond: bool, name: str, msg: str) -> None:
 class DataConfig:
     """Where the Arrow shards are and how batches are made from them."""
 
-    train_shards: str = ""
-    """Directory (or single file) of training shards written by ``vlscale.data.ShardWriter``."""
+    train_shards: str | list[str] = ""
+    """Training shards: a folder (its manifest.json, else every *.arrow in it), a glob, a shard file,
+    or a URL of any of these (s3://, gs://, hf://, https://); several as a list or comma-separated."""
     eval_shards: str = ""
-    """Directory of held-out shards for periodic / final retrieval evaluation ('' = none)."""
+    """Held-out shards for periodic / final retrieval evaluation, same forms as train_shards ('' = none)."""
     image_size: int = 0
     """Side of the square image fed to the vision tower (0 = the model's own input size)."""
     num_workers: int = 2
@@ -64,11 +65,35 @@ class DataConfig:
     debiased: bool = False
     """ZeroVL debiased sampling: every global batch (all ranks at one step) from one source, the
     source drawn with probability proportional to the rows it has left (docs/data.md)."""
+    on_error: Literal["raise", "skip"] = "skip"
+    """An unreadable shard or record batch (missing, truncated, 403/404 object): skip and count it
+    (data/unreadable_shard, data/unreadable_batch), or stop the run with an error naming it."""
+    io_retries: int = 8
+    """Retries of a transient object-storage error (5xx, throttling, timeout, reset), with
+    exponential backoff and jitter; counted as data/io_retries. Credentials come from the standard
+    chains (AWS_PROFILE / AWS_ACCESS_KEY_ID / instance role, GOOGLE_APPLICATION_CREDENTIALS), never
+    from this config; the S3 endpoint from AWS_ENDPOINT_URL."""
+    readahead: int = 8
+    """Record batches each remote stream reads ahead in background threads (0 = none)."""
+    io_threads: int = 4
+    """Background reader threads per data-loading process (remote shards)."""
+    cache_dir: str = ""
+    """Local folder caching remote record batches so later epochs read locally ('' = no cache)."""
+    cache_size: str = "64GB"
+    """Size bound of cache_dir (e.g. 500GB); least recently used record batches are evicted."""
 
     def __post_init__(self) -> None:
         _check(self.image_size == 0 or self.image_size >= 8, "data.image_size",
                f"must be 0 (from the model) or >= 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        for name in ("io_retries", "readahead"):
+            _check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.io_threads >= 1, "data.io_threads", f"must be >= 1, got {self.io_threads}")
+        if self.cache_dir:  # the size only matters with a cache (and parsing it imports the data package)
+            from vlscale.data.fs import parse_size
+
+            _check(parse_size(self.cache_size, "data.cache_size") > 0, "data.cache_size",
+                   f"must be positive, got {self.cache_size!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         changed = [n for n in ("crop_scale", "auto_augment", "text_mask_prob", "text_mask_split")
                    if getattr(self, n) != defaults[n]]

@@ -1,207 +1,332 @@
-"""Readers for the inputs ``vlscale shards build`` accepts, and the build loop over several sources.
+"""``build_shards``: parallel, splittable, resumable shard builds (``vlscale shards build``).
 
-Sources (each yields ``Pair``s; a pair whose image cannot be found carries ``missing`` instead):
+Each source is cut into deterministic tasks (:mod:`vlscale.data.sources`); each task writes its
+own shards, ``<source>-<task:05d>-<n:05d>.arrow``, so the output depends only on the inputs:
+``--workers 1`` and ``--workers 8`` write byte-identical files, and ``--part K/N`` (task ``t`` goes
+to part ``t mod N``) lets N machines build one data set into one folder or bucket.
 
-* ``folder``: a folder of images plus a captions file — CSV / TSV (header row) or JSONL — with an
-  image-path column (``image``/``file``/``filename``/``path``), a ``caption``/``text`` column,
-  and optional ``key`` and ``concepts`` (JSON list or ``|``-separated) columns;
-* ``wds``: webdataset tar files (members grouped by key; image ``jpg/jpeg/png/webp``, caption
-  ``txt``/``caption`` or ``json`` with a ``caption`` field);
-* ``table``: an Arrow (IPC file or stream) or Parquet table with an image-bytes column (plain
-  binary or a Hugging Face ``Image`` struct with ``bytes``) and a caption column.
+State lives beside the shards in ``.build/<source>/``: ``plan.json`` (the inputs and options; a
+rerun with other ones is refused without ``--overwrite``) and one record per finished task (its
+shards' manifest entries, counts and rejected rows), written after the task's shards. A rerun
+skips finished tasks and redoes the rest, so an interrupted build resumes where it stopped.
+When every task is done, :func:`vlscale.data.index.finalize` writes ``manifest.json``,
+``build_summary.json`` and ``rejected.jsonl`` (``vlscale shards index`` does it after a
+multi-part build).
+
+Duplicate keys (``duplicates="reject"``, the default): before writing, a cheap pass reads every
+task's keys (captions, a table's key column, tar headers); a key's first occurrence in input
+order is kept and every later one is rejected as ``duplicate_key`` — the same decision on every
+machine of a multi-part build.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
+import hashlib
+import itertools
 import json
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import multiprocessing as mp
+import os
+import queue
+import re
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 from tqdm import tqdm
 
-from vlscale.data.writer import ShardWriter, WriteSummary, safe_prefix
+from vlscale.data import fs
+from vlscale.data.manifest import entries_from_json, manifest_json, relative_entries
+from vlscale.data.schema import SHARD_SUFFIX
+from vlscale.data.sources import SourceSpec, Task, plan_tasks, task_keys, task_pairs
+from vlscale.data.writer import VALIDATE_MODES, ShardWriter, safe_prefix
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_PATH_COLS = ("image", "file", "filename", "path", "file_name")
-_CAPTION_COLS = ("caption", "text", "txt")
-
-
-@dataclass
-class Pair:
-    key: str
-    caption: str
-    image: bytes | None = None
-    path: Path | None = None  # read lazily by the writer; no image and no path = missing file
-    concepts: list[str] | None = None
+STATE_DIR = ".build"
+PLAN_VERSION = 1
 
 
-@dataclass
-class SourceSpec:
-    """One input of a build: ``kind`` in {"folder", "wds", "table"} and its arguments."""
+@dataclass(frozen=True)
+class BuildOptions:
+    """What shapes the output (all but ``workers``/``progress`` are part of the plan)."""
 
-    name: str
-    kind: str
-    path: str
-    captions: str | None = None  # folder: the captions file
-    image_column: str = "image"  # table
-    caption_column: str = "caption"  # table
+    target_shard_bytes: int = 256 << 20
+    rows_per_batch: int = 128
+    task_rows: int = 8192
+    validate: str = "full"
+    duplicates: str = "reject"
 
     def __post_init__(self) -> None:
-        if self.kind not in {"folder", "wds", "table"}:
-            raise ValueError(f"source {self.name!r}: unknown kind {self.kind!r} (folder, wds, table)")
-        if self.kind == "folder" and not self.captions:
-            raise ValueError(f"source {self.name!r}: a folder source needs a captions file")
+        if self.validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {self.validate!r}")
+        if self.duplicates not in ("reject", "keep"):
+            raise ValueError(f"duplicates must be 'reject' or 'keep', got {self.duplicates!r}")
+        if min(self.target_shard_bytes, self.rows_per_batch, self.task_rows) <= 0:
+            raise ValueError("shard size, rows per batch and task rows must be positive")
 
 
-def _concepts(value: object) -> list[str] | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    text = str(value)
-    if text.startswith("["):
-        return [str(v) for v in json.loads(text)]
-    return [c.strip() for c in text.split("|") if c.strip()]
+@dataclass
+class SourceReport:
+    """What this run (or part) did for one source."""
+
+    source: str
+    tasks: int = 0
+    resumed: int = 0  # tasks already finished by an earlier run
+    written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    shards: int = 0
+    bytes: int = 0
+    truncated_inputs: list[str] = field(default_factory=list)
+    failed_inputs: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["rejected"] = dict(self.rejected)
+        return out
 
 
-def _pick(row: dict, names: tuple[str, ...], what: str, where: str) -> str:
-    for n in names:
-        if n in row:
-            return n
-    raise ValueError(f"{where}: no {what} column (looked for {list(names)}; found {sorted(row)})")
+def state_dir(out: str, source: str) -> str:
+    return fs.join(out, STATE_DIR, safe_prefix(source))
 
 
-def read_captions(path: str | Path) -> Iterator[dict]:
-    """Rows of a CSV / TSV (by extension, header required) or JSONL captions file."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: captions file does not exist")
-    if path.suffix.lower() in {".jsonl", ".json"}:
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: invalid JSON line: {e}") from e
-        return
-    delimiter = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
-    with path.open(encoding="utf-8", newline="") as f:
-        yield from csv.DictReader(f, delimiter=delimiter)
+def task_record_path(out: str, source: str, index: int) -> str:
+    return fs.join(state_dir(out, source), f"task-{index:05d}.json")
 
 
-def folder_pairs(root: str | Path, captions: str | Path) -> Iterator[Pair]:
-    root = Path(root)
-    cols: tuple[str, str] | None = None
-    for row in read_captions(captions):
-        if cols is None:
-            cols = (_pick(row, _PATH_COLS, "image path", str(captions)), _pick(row, _CAPTION_COLS, "caption", str(captions)))
-        rel = str(row.get(cols[0]) or "")
-        yield Pair(key=str(row.get("key") or Path(rel).stem), caption=str(row.get(cols[1]) or ""),
-                   path=root / rel if rel else root / "<empty path>", concepts=_concepts(row.get("concepts")))
+def _plan_doc(spec: SourceSpec, opts: BuildOptions, tasks: list[Task]) -> dict:
+    return {"version": PLAN_VERSION, "source": asdict(spec), "options": asdict(opts), "tasks": len(tasks),
+            "inputs": sorted({t.input for t in tasks})}
 
 
-def wds_pairs(pattern: str) -> Iterator[Pair]:
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    if not files:
-        raise ValueError(f"{pattern}: no tar files match")
-    for tar_path in files:
-        try:
-            yield from _tar_pairs(tar_path)
-        except tarfile.TarError as e:
-            raise ValueError(f"{tar_path}: unreadable tar file: {e}") from e
-
-
-def _tar_pairs(tar_path: str) -> Iterator[Pair]:
-    def emit(key: str, parts: dict[str, bytes]) -> Pair:
-        image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-        meta = json.loads(parts["json"]) if "json" in parts else {}
-        text = parts.get("txt") or parts.get("caption")
-        caption = text.decode("utf-8", "replace") if text is not None else str(meta.get("caption", ""))
-        return Pair(key=key, caption=caption, image=image, concepts=_concepts(meta.get("concepts")))
-
-    with tarfile.open(tar_path, "r:*") as tar:
-        key, parts = None, {}
-        for member in tar:  # webdataset groups consecutive members by the name before the first dot
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            stem, _, ext = base.partition(".")
-            prefix = member.name[: len(member.name) - len(base)] + stem
-            if prefix != key and key is not None:
-                yield emit(key, parts)
-                parts = {}
-            key = prefix
-            parts[ext.lower()] = tar.extractfile(member).read()
-        if key is not None:
-            yield emit(key, parts)
-
-
-def _open_table(path: str) -> pa.Table:
+def _read_json(location: str) -> dict | None:
     try:
-        if path.endswith(".parquet"):
-            return pq.read_table(path)
-        with pa.memory_map(path, "r") as src:
+        return json.loads(fs.read_bytes(location))
+    except fs.StorageError:
+        return None
+
+
+def _prepare(out: str, spec: SourceSpec, opts: BuildOptions, tasks: list[Task], part: tuple[int, int],
+             overwrite: bool) -> None:
+    """Check (or, with ``overwrite``, clear) what an earlier build left; write the plan."""
+    prefix = safe_prefix(spec.name)
+    plan = _plan_doc(spec, opts, tasks)
+    plan_at = fs.join(state_dir(out, spec.name), "plan.json")
+    old = _read_json(plan_at)
+    shards = [loc for loc, _ in fs.list_files(fs.join(out, f"{prefix}-*{SHARD_SUFFIX}"), SHARD_SUFFIX)]
+    if overwrite:
+        mine = {t.index for t in tasks if t.index % part[1] == part[0]}
+        pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+{re.escape(SHARD_SUFFIX)}$")
+        for loc in shards:
+            m = pattern.match(fs.basename(loc))
+            task = int(m.group(1)) if m else None
+            if task in mine or (part[0] == 0 and (task is None or task >= len(tasks))):
+                fs.delete(loc)
+        for index in mine:
+            fs.delete(task_record_path(out, spec.name, index))
+    elif old is not None and old != plan:
+        raise FileExistsError(f"{out}: holds a build of source {spec.name!r} with other inputs or options "
+                              f"({plan_at}); pass --overwrite to rebuild it")
+    elif old is None and shards:
+        raise FileExistsError(f"{out}: {len(shards)} shard(s) named {prefix}-*{SHARD_SUFFIX} already exist "
+                              f"(e.g. {fs.basename(shards[0])}); pass overwrite=True (CLI: --overwrite) to "
+                              "replace them")
+    if old != plan:
+        fs.write_bytes(plan_at, json.dumps(plan, indent=1).encode())
+
+
+def _key_digests(task: Task, spec: SourceSpec) -> bytes:
+    return b"".join(hashlib.blake2b(k.encode(), digest_size=16).digest() for k in task_keys(task, spec))
+
+
+def duplicate_rows(digests: list[bytes]) -> list[set[int]]:
+    """Per task, the positions whose key occurred earlier (in this or an earlier task).
+
+    Keys are compared by 128-bit BLAKE2 digests: 16 bytes per pair, no collision in practice."""
+    sizes = [len(d) // 16 for d in digests]
+    arr = np.frombuffer(b"".join(digests), dtype="V16")
+    if arr.size == 0:
+        return [set() for _ in digests]
+    _, first = np.unique(arr, return_index=True)  # stable: the first occurrence's index
+    dup = np.ones(arr.size, dtype=bool)
+    dup[first] = False
+    starts = np.cumsum([0, *sizes])
+    return [set((np.flatnonzero(dup[a:b])).tolist()) for a, b in itertools.pairwise(starts)]
+
+
+# --------------------------------------------------------------------------- one task
+_PROGRESS: mp.Queue | None = None
+
+
+def _init_worker(progress: mp.Queue | None) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def run_task(task: Task, spec: SourceSpec, out: str, opts: BuildOptions, dups: set[int],
+             storage: fs.StorageOptions | None = None, progress: queue.Queue | mp.Queue | None = None) -> dict:
+    """Build one task: write its shards, then its record (the resume marker). Returns the record."""
+    progress = progress if progress is not None else _PROGRESS
+    # a rerun rewrites the same names (the output is deterministic), so no listing is needed
+    writer = ShardWriter(out, spec.name, prefix=f"{safe_prefix(spec.name)}-{task.index:05d}", overwrite=True,
+                         target_shard_bytes=opts.target_shard_bytes, rows_per_batch=opts.rows_per_batch,
+                         validate=opts.validate, storage=storage, scan_existing=False)
+    rejected_rows: list[dict] = []
+    current: dict = {}
+    writer.on_reject = lambda reason, key: rejected_rows.append(
+        {"source": spec.name, "input": task.input, "key": key, "reason": reason, **current})
+    truncated: list[str] = []
+    done = bad = 0
+    for i, pair in enumerate(task_pairs(task, spec)):
+        current.clear()
+        if pair.detail:
+            current["detail"] = pair.detail
+        if pair.path:
+            current["path"] = pair.path
+        if pair.problem == "truncated_input":
+            truncated.append(task.input)
+            rejected_rows.append({"source": spec.name, "input": task.input, "reason": "truncated_input", **current})
+            continue
+        ok = False
+        if i in dups:
+            writer.reject("duplicate_key", pair.key)
+        elif pair.problem:
+            writer.reject(pair.problem, pair.key)
+        elif pair.image is None:
             try:
-                return pa.ipc.open_file(src).read_all()
-            except pa.ArrowInvalid:
-                src.seek(0)
-                return pa.ipc.open_stream(src).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"{path}: unreadable table: {e}") from e
+                data = fs.read_bytes(pair.path or "")
+            except (fs.StorageError, OSError) as e:
+                current["detail"] = str(e)
+                writer.reject("missing_file", pair.key)
+            else:
+                ok = writer.add(image_bytes=data, caption=pair.caption, key=pair.key, concepts=pair.concepts)
+        else:
+            ok = writer.add(image_bytes=pair.image, caption=pair.caption, key=pair.key, concepts=pair.concepts)
+        done, bad = done + 1, bad + (not ok)
+        if progress is not None and done % 64 == 0:
+            progress.put((64, bad))
+            bad = 0
+    summary = writer.close()
+    if progress is not None:
+        progress.put((done % 64, bad))
+    record = {"task": task.index, "source": spec.name, "input": task.input, "written": summary.written,
+              "rejected": dict(summary.rejected), "truncated_inputs": truncated, "bytes": summary.bytes,
+              "manifest": manifest_json(relative_entries(summary.entries, out)), "rejected_rows": rejected_rows}
+    fs.write_bytes(task_record_path(out, spec.name, task.index), json.dumps(record).encode(), storage)
+    return record
 
 
-def table_pairs(path: str, image_column: str = "image", caption_column: str = "caption") -> Iterator[Pair]:
-    table = _open_table(path)
-    for col in (image_column, caption_column):
-        if col not in table.column_names:
-            raise ValueError(f"{path}: missing column {col!r} (columns: {table.column_names})")
-    for batch in table.to_batches(max_chunksize=256):
-        images = batch.column(image_column)
-        if pa.types.is_struct(images.type):  # Hugging Face Image feature: {bytes, path}
-            images = images.field("bytes")
-        keys = batch.column("key").to_pylist() if "key" in batch.schema.names else [None] * batch.num_rows
-        concepts = batch.column("concepts").to_pylist() if "concepts" in batch.schema.names else [None] * batch.num_rows
-        for i, (img, cap) in enumerate(zip(images.to_pylist(), batch.column(caption_column).to_pylist())):
-            yield Pair(key=str(keys[i] if keys[i] is not None else f"{Path(path).stem}-{i}"), caption=cap or "",
-                       image=img or b"", concepts=_concepts(concepts[i]))
+# --------------------------------------------------------------------------- the build
+def _pool(workers: int, progress: mp.Queue | None) -> ProcessPoolExecutor:
+    # spawn: forking a process that has started pyarrow / tqdm threads can deadlock
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(progress,))
 
 
-def source_pairs(spec: SourceSpec) -> Iterator[Pair]:
-    if spec.kind == "folder":
-        return folder_pairs(spec.path, spec.captions or "")
-    if spec.kind == "wds":
-        return wds_pairs(spec.path)
-    return table_pairs(spec.path, spec.image_column, spec.caption_column)
+def build_shards(specs: list[SourceSpec], out: str, *, options: BuildOptions | None = None, workers: int = 0,
+                 part: tuple[int, int] = (0, 1), overwrite: bool = False, progress: bool = True,
+                 storage: fs.StorageOptions | None = None) -> list[SourceReport]:
+    """Build this part's tasks of every source into ``out`` (a folder or URL); one report per source.
 
+    ``workers`` processes (0 = the CPU count; 1 = in this process). After a whole build
+    (``part=(0, 1)``) the folder's manifest, summary and rejected list are written."""
+    from vlscale.data.index import finalize  # index imports this module's state helpers
 
-def build_shards(specs: list[SourceSpec], out_dir: str | Path, *, target_shard_bytes: int = 256 << 20,
-                 rows_per_batch: int = 128, overwrite: bool = False, progress: bool = True) -> list[WriteSummary]:
-    """Write every source into ``out_dir`` (one shard series per source); one summary per source."""
+    opts = options or BuildOptions()
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"part {k}/{n}: need 0 <= K < N")
     prefixes = [safe_prefix(s.name) for s in specs]
     if len(set(prefixes)) != len(prefixes):  # two sources must never write the same file names
         raise ValueError(f"source names must be unique as file prefixes, got {[s.name for s in specs]}")
-    # open every writer first so an existing-shard error happens before anything is written
-    writers = [ShardWriter(out_dir, s.name, target_shard_bytes=target_shard_bytes, rows_per_batch=rows_per_batch,
-                           overwrite=overwrite) for s in specs]
-    for spec, writer in zip(specs, writers):
-        bar = tqdm(desc=f"{spec.name}", unit=" pairs", disable=not progress)
-        for pair in source_pairs(spec):
-            if pair.image is None and pair.path is None:
-                writer.reject("missing_file")
-            elif pair.image is None:
-                writer.add_file(pair.path, caption=pair.caption, key=pair.key, concepts=pair.concepts)
+    out = str(out)
+    plans = [(spec, plan_tasks(spec, opts.task_rows)) for spec in specs]
+    for spec, tasks in plans:  # every check before anything is written
+        _prepare(out, spec, opts, tasks, part, overwrite)
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    reports = [SourceReport(spec.name, tasks=sum(1 for t in tasks if t.index % n == k)) for spec, tasks in plans]
+    todo: list[tuple[int, Task]] = []
+    for s, (spec, tasks) in enumerate(plans):
+        for t in tasks:
+            if t.index % n != k:
+                continue
+            record = _read_json(task_record_path(out, spec.name, t.index))
+            if record is not None:
+                _add(reports[s], record)
+                reports[s].resumed += 1
             else:
-                writer.add(image_bytes=pair.image, caption=pair.caption, key=pair.key, concepts=pair.concepts)
-            bar.update(1)
-            bar.set_postfix(written=writer.summary.written, rejected=sum(writer.summary.rejected.values()),
-                            refresh=False)
+                todo.append((s, t))
+    if todo:
+        _run(plans, todo, out, opts, workers, reports, progress, storage)
+    if part == (0, 1) and all(not r.failed_inputs for r in reports):
+        finalize(out, storage=storage)
+    return reports
+
+
+def _add(report: SourceReport, record: dict) -> None:
+    report.written += record["written"]
+    report.rejected.update(record["rejected"])
+    report.bytes += record["bytes"]
+    report.shards += len(entries_from_json(record["manifest"], "task record"))
+    report.truncated_inputs += record["truncated_inputs"]
+
+
+def _run(plans: list[tuple[SourceSpec, list[Task]]], todo: list[tuple[int, Task]], out: str, opts: BuildOptions,
+         workers: int, reports: list[SourceReport], progress: bool, storage: fs.StorageOptions | None) -> None:
+    sources = {s for s, _ in todo}
+    inline = workers <= 1 or len(todo) == 1
+    updates: queue.Queue | mp.Queue = queue.Queue() if inline else mp.get_context("spawn").Queue()
+    pool = None if inline else _pool(min(workers, len(todo)), updates)
+    dups: dict[tuple[int, int], set[int]] = {}
+    if opts.duplicates == "reject":  # every task of the source, not just this part's: same decision everywhere
+        for s in sorted(sources):
+            spec, tasks = plans[s]
+            digests = (list(pool.map(_key_digests, tasks, [spec] * len(tasks))) if pool
+                       else [_key_digests(t, spec) for t in tasks])
+            for t, rows in zip(tasks, duplicate_rows(digests)):
+                dups[(s, t.index)] = rows
+    known = [sum(len(t.rows) for t in plans[s][1]) if plans[s][0].kind == "folder" else 0 for s in sources]
+    bar = tqdm(total=sum(known) or None, desc="shards build", unit=" pairs", disable=not progress, smoothing=0.1)
+    rejected = 0
+
+    def drain() -> None:
+        nonlocal rejected
+        while True:
+            try:
+                n_pairs, n_bad = updates.get_nowait()
+            except queue.Empty:
+                return
+            rejected += n_bad
+            bar.update(n_pairs)
+            bar.set_postfix(rejected=rejected, refresh=False)
+
+    try:
+        if pool is None:
+            for s, task in todo:
+                spec = plans[s][0]
+                try:
+                    _add(reports[s], run_task(task, spec, out, opts, dups.get((s, task.index), set()), storage,
+                                              updates))
+                except ValueError as e:
+                    reports[s].failed_inputs[task.input] = str(e)
+                drain()
+        else:
+            futures: dict[Future, int] = {
+                pool.submit(run_task, task, plans[s][0], out, opts, dups.get((s, task.index), set()), storage): s
+                for s, task in todo}
+            inputs = {f: task.input for f, (_, task) in zip(futures, todo)}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                drain()
+                for f in finished:
+                    try:
+                        _add(reports[futures[f]], f.result())
+                    except ValueError as e:
+                        reports[futures[f]].failed_inputs[inputs[f]] = str(e)
+    finally:
+        drain()
         bar.close()
-        writer.close()
-    return [w.summary for w in writers]
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+__all__ = ["BuildOptions", "SourceReport", "SourceSpec", "build_shards", "duplicate_rows", "run_task"]

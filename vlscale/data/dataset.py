@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlscale.data.collate import Batch, CaptionMasker, EndOfStream, collate, sample_seeds
+from vlscale.data.fs import IO_STATS
 from vlscale.data.sampling import MIXED, DebiasedSchedule
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
 from vlscale.data.transforms import ImageTransform
@@ -133,6 +134,7 @@ class ShardDataset(IterableDataset):
         k, positions = int(state.get("k", 0)), dict(state.get("pos", {}))
         done = bool(state.get("done", False))  # the epoch's dropped rows were already counted
         stats: Counter = Counter()
+        io_start = IO_STATS.snapshot()  # remote I/O of this pass (requests, bytes, retries) joins the stats
         g, num_global = global_worker(self.rank, self.world_size, worker, self.num_workers)
         orders = self._orders()
         if self.debiased:
@@ -163,13 +165,13 @@ class ShardDataset(IterableDataset):
             stats["samples"] += len(rows)
             batch.worker = worker
             batch.state = {"epoch": self.epoch, "k": k, "pos": dict(positions)}
-            batch.stats = dict(stats)
+            batch.stats = {**stats, **IO_STATS.since(io_start)}
             yield batch
         unread = unassigned + sum(st.num_rows - positions.get(n, 0) for n, st in streams.items())
         if unread and not done:  # rows nobody read this epoch (drop_last tails, unused spares), counted once
             stats["dropped_tail"] += unread
         yield EndOfStream(worker=worker, state={"epoch": self.epoch, "k": k, "pos": dict(positions), "done": True},
-                          stats=dict(stats))
+                          stats={**stats, **IO_STATS.since(io_start)})
 
     def _mixed_steps(self, stream: RowStream, positions: dict[str, int], g: int,
                      k: int) -> Iterator[tuple[str, int, tuple[int, ...]]]:

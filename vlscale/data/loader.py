@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from vlscale.data.collate import ZEROVL_TEXT_MASK_SPLIT, Batch, CaptionMasker
 from vlscale.data.dataset import ShardDataset, seed_worker_threads
+from vlscale.data.fs import StorageOptions
 from vlscale.data.stream import ShardIndex, default_rank_world
 from vlscale.data.transforms import build_transform
 
@@ -79,7 +80,8 @@ class ShardLoader:
         (``unreadable_image``, ``empty_caption``, ``unreadable_batch``, ``unreadable_shard``),
         ``dropped_tail`` (rows left at an epoch's end that could not fill a batch with
         ``drop_last``, counted once by the rank that owns them) and ``short_batch`` (debiased
-        batches that skipped samples left shorter than ``batch_size``)."""
+        batches that skipped samples left shorter than ``batch_size``), and remote I/O of the
+        workers (``io_requests``, ``io_bytes``, ``io_retries``, ``io_cache_hits``)."""
         total = Counter(self._base_stats)
         for counts in self._live_stats.values():
             total.update(counts)
@@ -143,7 +145,8 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  with_concepts: bool | None = None, scale: tuple[float, float] = (0.9, 1.0),
                  hflip: float = 0.0, draft: bool | None = None, auto_augment: str = "",
                  text_mask_prob: float = 0.0,
-                 text_mask_split: tuple[float, float, float] = ZEROVL_TEXT_MASK_SPLIT) -> ShardLoader:
+                 text_mask_split: tuple[float, float, float] = ZEROVL_TEXT_MASK_SPLIT,
+                 storage: StorageOptions | None = None) -> ShardLoader:
     """Build the loader over a shard folder or a list of shard files.
 
     ``train`` selects the random-resized-crop transform, shuffling and ``drop_last`` (each
@@ -156,6 +159,8 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
     ``on_error="skip"`` skips unreadable shards / record batches and counts them instead of raising.
     ``pin_memory`` defaults to whether CUDA is available (checked here, not at import).
     ``draft`` (reduced-scale JPEG decoding of large images) defaults to ``train``.
+    ``shards`` may be URLs (``s3://``, ``gs://``, ``hf://`` …); ``storage`` sets their retries,
+    read-ahead and local cache (:class:`vlscale.data.fs.StorageOptions`).
     """
     if rank is None or world_size is None:
         auto_rank, auto_world = default_rank_world()
@@ -165,7 +170,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
         raise ValueError("auto_augment and text_mask_prob are train-time augmentations; build_loader(train=False) "
                          "was asked for them")
     masker = CaptionMasker.from_tokenizer(tokenizer, text_mask_prob, text_mask_split) if text_mask_prob else None
-    index = ShardIndex(shards, on_error=on_error)
+    index = ShardIndex(shards, on_error=on_error, storage=storage)
     for path, why in index.skipped.items():
         log.warning("skipping shard %s: %s", path, why)
     transform = build_transform(train=train, image_size=image_size, data_config=data_config, scale=scale,

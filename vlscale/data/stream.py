@@ -16,7 +16,10 @@ the offset inside it follow from the position, with no replay of earlier windows
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlscale.data.schema import SHARD_SUFFIX, check_schema, read_metadata
+from vlscale.data import fs
+from vlscale.data.cache import BlockCache, ReadAhead
+from vlscale.data.manifest import MANIFEST_NAME, ShardEntry, describe_shard, read_manifest
+from vlscale.data.schema import SHARD_SUFFIX, check_schema
+
+log = logging.getLogger(__name__)
 
 _SHUFFLE_SALT = 0x5EED
 
@@ -49,65 +57,125 @@ class Span:
 
 
 def list_shards(paths: str | Path | list[str | Path]) -> list[str]:
-    """Expand a shard folder (all ``*.arrow`` in it, sorted) or a list of files/folders."""
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    """Expand shard locations (folders, globs, files, URLs, or a list / comma-separated string of
+    them) into shard files, each folder's ``*.arrow`` sorted by name. Manifests are not consulted."""
     out: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.glob(f"*{SHARD_SUFFIX}") if not f.name.startswith("."))
-            if not found:
-                raise ValueError(f"{p}: no *{SHARD_SUFFIX} shards in this folder")
-            out += found
-        else:
-            out.append(str(p))
-    if not out:
-        raise ValueError("no shard paths given")
+    for item in fs.split_locations(paths):
+        found = [loc for loc, _ in fs.list_files(item, SHARD_SUFFIX)]
+        if not found and _is_folder(item):
+            raise ValueError(f"{item}: no *{SHARD_SUFFIX} shards in this folder")
+        out += found or [item]
     return out
 
 
+def _is_folder(location: str) -> bool:
+    if fs.is_url(location):
+        return not location.endswith(SHARD_SUFFIX) and not any(c in location for c in "*?[")
+    return Path(location).is_dir()
+
+
+def shard_refs(paths: str | Path | list[str | Path],
+               options: fs.StorageOptions | None = None) -> list[tuple[str, ShardEntry | None, int | None]]:
+    """``(location, manifest entry or None, size or None)`` of every shard the locations name.
+
+    A folder (or URL prefix) with a ``manifest.json`` is read from it in one object read; a
+    local manifest that disagrees with the folder's listing is ignored with a warning (stale).
+    Otherwise the folder is listed and each shard's footer is read later."""
+    refs: list[tuple[str, ShardEntry | None, int | None]] = []
+    for item in fs.split_locations(paths):
+        if fs.basename(item) == MANIFEST_NAME:
+            entries = read_manifest(item, options)
+            if entries is None:
+                raise ValueError(f"{item}: manifest does not exist")
+            refs += [(e.path, e, e.bytes) for e in entries]
+            continue
+        entries = read_manifest(fs.join(item, MANIFEST_NAME), options) if _is_folder(item) else None
+        if entries is not None and not fs.is_url(item):
+            listed = dict(fs.list_files(item, SHARD_SUFFIX))
+            if listed != {e.path: e.bytes for e in entries}:
+                log.warning("%s: manifest.json does not match the shards in the folder (stale); reading the "
+                            "shards' footers instead — refresh it with `vlscale shards index %s`", item, item)
+                entries = None
+        if entries is not None:
+            refs += [(e.path, e, e.bytes) for e in entries]
+            continue
+        found = fs.list_files(item, SHARD_SUFFIX)
+        if not found and _is_folder(item):
+            raise ValueError(f"{item}: no *{SHARD_SUFFIX} shards in this folder")
+        refs += [(loc, None, size) for loc, size in found] or [(item, None, None)]
+    if not refs:
+        raise ValueError("no shard paths given")
+    return refs
+
+
 def open_shard(path: str) -> pa.ipc.RecordBatchFileReader:
-    """Memory-map and open one shard, naming the file in any error (missing, truncated, not Arrow)."""
+    """Open one shard (memory-mapped when local), naming the file in any error (missing,
+    truncated, not Arrow)."""
     try:
+        if fs.is_url(path):
+            filesystem, inner = fs.filesystem(path)
+            return pa.ipc.open_file(fs.retry(lambda: filesystem.open_input_file(inner), path))
         return pa.ipc.open_file(pa.memory_map(path, "r"))
     except FileNotFoundError as e:
         raise ValueError(f"{path}: shard file does not exist") from e
+    except fs.StorageError:
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: unreadable shard (truncated or not an Arrow IPC file): {e}") from e
 
 
-def _unit_sources(path: str, reader: pa.ipc.RecordBatchFileReader, meta: dict) -> list[tuple[int, str | None]]:
-    counts = meta.get("counts", {})
-    if len(counts) == 1:  # written by ShardWriter: one source per file, no need to scan
-        (only,) = counts
-        return [(reader.get_batch(i).num_rows, only) for i in range(reader.num_record_batches)]
-    out = []
-    for i in range(reader.num_record_batches):
-        batch = reader.get_batch(i)
-        values = set(batch.column("source").unique().to_pylist())
-        out.append((batch.num_rows, values.pop() if len(values) == 1 else None))
-    return out
+class BlockReader:
+    """A remote shard read record batch by record batch: one range request each, at the offsets
+    of its manifest entry, checked against the entry's CRC-32, through the optional local cache."""
+
+    def __init__(self, location: str, entry: ShardEntry, options: fs.StorageOptions) -> None:
+        self.location, self.entry, self.options = location, entry, options
+        self.file = fs.RangeFile(location, options)
+        self.cache = BlockCache.shared(options.cache_dir, options.cache_bytes) if options.cache_dir else None
+
+    @property
+    def num_record_batches(self) -> int:
+        return len(self.entry.batches)
+
+    def get_batch(self, i: int) -> pa.RecordBatch:
+        offset, length, _, crc = self.entry.batches[i]
+        data = self.cache.get(self.location, offset, length, crc) if self.cache else None
+        if data is None:
+            data = self.file.read_at(offset, length)
+            if crc is not None and zlib.crc32(data) != crc:  # damaged in flight: read it once more
+                fs.IO_STATS.add(io_retries=1)
+                data = self.file.read_at(offset, length)
+                if zlib.crc32(data) != crc:
+                    raise ValueError(f"{self.location}: record batch {i} does not match its checksum: the object "
+                                     "changed after manifest.json was written (rerun `vlscale shards index`) "
+                                     "or is damaged (`vlscale shards verify`)")
+            if self.cache:
+                self.cache.put(self.location, offset, length, crc, data)
+        return pa.ipc.read_record_batch(pa.py_buffer(data), self.entry.schema)
 
 
 class ShardIndex:
     """Every readable shard's record batches, with per-source row counts.
 
-    ``on_error="raise"`` fails on an unreadable shard or a missing column with a ``ValueError``
-    naming the file; ``"skip"`` leaves the shard out and records it in ``skipped``.
+    Built from ``manifest.json`` when the folder has one (no shard is opened), else from each
+    shard's footer. ``on_error="raise"`` fails on an unreadable shard or a missing column with a
+    ``ValueError`` naming the file; ``"skip"`` leaves the shard out and records it in ``skipped``.
+    ``storage`` sets retries, read-ahead and the local cache for remote shards.
     """
 
-    def __init__(self, paths: str | Path | list[str | Path], *, on_error: str = "raise") -> None:
+    def __init__(self, paths: str | Path | list[str | Path], *, on_error: str = "raise",
+                 storage: fs.StorageOptions | None = None) -> None:
         if on_error not in {"raise", "skip"}:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.storage = storage or fs.StorageOptions()
         self.paths: list[str] = []
+        self.entries: list[ShardEntry] = []
         self.units: list[Unit] = []
         self.skipped: dict[str, str] = {}
         self.has_concepts: list[bool] = []
-        for path in list_shards(paths):
+        for path, entry, size in shard_refs(paths, self.storage):
             try:
-                reader = open_shard(path)
-                check_schema(reader.schema, path)
-                rows = _unit_sources(path, reader, read_metadata(reader.schema))
+                entry = entry or describe_shard(path, size, options=self.storage)
             except ValueError as e:
                 if on_error == "raise":
                     raise
@@ -115,10 +183,22 @@ class ShardIndex:
                 continue
             shard = len(self.paths)
             self.paths.append(path)
-            self.has_concepts.append("concepts" in reader.schema.names)
-            self.units += [Unit(shard, i, n, src) for i, (n, src) in enumerate(rows) if n > 0]
+            self.entries.append(entry)
+            self.has_concepts.append(entry.concepts)
+            self.units += [Unit(shard, i, n, entry.source_of(i)) for i, (_, _, n, _) in enumerate(entry.batches)
+                           if n > 0]
         if not self.units:
             raise ValueError(f"no readable rows in {len(self.paths)} shard(s); skipped: {self.skipped}")
+
+    def open(self, shard: int) -> pa.ipc.RecordBatchFileReader | BlockReader:
+        """A reader of shard ``shard`` in this process: a memory map locally, range reads remotely."""
+        path = self.paths[shard]
+        if fs.is_url(path):
+            return BlockReader(path, self.entries[shard], self.storage)
+        return open_shard(path)
+
+    def is_remote(self, shard: int) -> bool:
+        return fs.is_url(self.paths[shard])
 
     @property
     def num_rows(self) -> int:
@@ -189,21 +269,33 @@ class RowStream:
         self.seed_key = [seed, epoch, _SHUFFLE_SALT + 1, *stream_id]
         self.num_rows = sum(s.stop - s.start for s in spans)
         self._starts = np.cumsum([0] + [s.stop - s.start for s in spans])
-        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader | BlockReader] = {}
+        self._lock = threading.Lock()  # read-ahead threads share the open readers
         self._cached: tuple[int, _Window, np.ndarray] | None = None
+        self._ahead: ReadAhead | None = None
+        opts = index.storage
+        if opts.readahead > 0 and any(index.is_remote(index.units[s.unit].shard) for s in spans):
+            # remote record batches are fetched in span order, `readahead` of them in flight
+            self._ahead = ReadAhead(self._fetch, range(len(spans)), depth=opts.readahead, threads=opts.io_threads)
 
-    def _reader(self, shard: int) -> pa.ipc.RecordBatchFileReader:
-        if shard not in self._readers:
-            if len(self._readers) >= 8:  # bound open memory maps; order is random anyway
-                self._readers.pop(next(iter(self._readers)))
-            self._readers[shard] = open_shard(self.index.paths[shard])
-        return self._readers[shard]
+    def _reader(self, shard: int) -> pa.ipc.RecordBatchFileReader | BlockReader:
+        with self._lock:
+            if shard not in self._readers:
+                if len(self._readers) >= 8:  # bound open memory maps / connections; order is random anyway
+                    self._readers.pop(next(iter(self._readers)))
+                self._readers[shard] = self.index.open(shard)
+            return self._readers[shard]
 
-    def _read_span(self, span: Span, lo: int, hi: int) -> _Segment | None:
+    def _fetch(self, i: int) -> pa.RecordBatch:
+        unit = self.index.units[self.spans[i].unit]
+        return self._reader(unit.shard).get_batch(unit.batch)
+
+    def _read_span(self, i: int, lo: int, hi: int) -> _Segment | None:
+        span = self.spans[i]
         unit = self.index.units[span.unit]
         path = self.index.paths[unit.shard]
         try:
-            batch = self._reader(unit.shard).get_batch(unit.batch)
+            batch = self._ahead.get(i) if self._ahead is not None else self._fetch(i)
             check_schema(batch.schema, path)
             cols = [c for c in ("key", "image", "caption", "source", "concepts") if c in batch.schema.names]
             return _Segment(batch.select(cols).slice(span.start + lo, hi - lo))  # zero-copy view of the mmap
@@ -225,7 +317,7 @@ class RowStream:
             if s_lo >= hi:
                 break
             a, b = max(lo, s_lo) - s_lo, min(hi, s_hi) - s_lo
-            segments.append((self._read_span(self.spans[i], a, b), b - a))
+            segments.append((self._read_span(i, a, b), b - a))
         window = _Window(segments)
         if self.shuffle:
             perm = np.random.default_rng([*self.seed_key, w]).permutation(len(window))

@@ -29,6 +29,7 @@ import torch
 
 from vlscale.config import Config, save_config
 from vlscale.data import build_loader
+from vlscale.data.fs import storage_options
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
 from vlscale.memory.phases import StepPhases
@@ -143,10 +144,11 @@ class Trainer:
             data_config=None if cfg.data.image_size else self.model.data_config(), train=True,
             batch_size=self.micro, rank=self.rt.rank, world_size=self.rt.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
-            max_length=cfg.model.context_length, on_error="skip",
+            max_length=cfg.model.context_length, on_error=cfg.data.on_error,
             scale=cfg.data.crop_scale if cfg.data.augment else (1.0, 1.0),
             auto_augment=cfg.data.auto_augment if cfg.data.augment else "",
-            text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split)
+            text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split,
+            storage=storage_options(cfg.data))
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
@@ -251,7 +253,7 @@ class Trainer:
         """Metrics worth a little time, only on logged steps: skips, memory, temperature."""
         stats = self.loader.stats
         out = {f"data/{k}": float(v) for k, v in stats.items()}
-        out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples"))
+        out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples" and not k.startswith("io_")))
         out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
         out.update(memory_stats(self.rt.device))
         return out
