@@ -66,7 +66,9 @@ def test_plan_inputs_by_hand_zerovl() -> None:
     assert inp.zero_stage == 2 and inp.states_precision == "fp16" and inp.chunk == 256 and inp.gradient_cache
     assert inp.act_bytes_per_pair == 83 * MIB and inp.chunk_act_bytes_per_row < inp.act_bytes_per_pair
     assert inp.engine_buffer_bytes == 5e8 * 2  # DeepSpeed's default reduce bucket, fp16, no overlap
-    assert inp.input_bytes_per_pair == 3 * 224 * 224 * 4 + 2 * 32 * 8
+    # fp32 pixels + int64 tokens and attention mask at the recipe's context length (ZeroVL: 25)
+    assert cfg.model.context_length == 25
+    assert inp.input_bytes_per_pair == 3 * 224 * 224 * 4 + 2 * 25 * 8
     est = planner.predict(inp, "fused_gradcache", 2**20)
     b_local, d = 2**20 // 8, 512
     assert est.components["model states"] == pytest.approx(psi * (2 + 14 / 8))
