@@ -137,9 +137,14 @@ class Trainer:
 
         Fetching runs under a forked RNG: a new DataLoader iterator draws its base seed from the
         global torch RNG, which would shift dropout / mixup after a resume (the data pipeline
-        seeds its own randomness per batch and keeps its position in ``loader.state_dict()``)."""
+        seeds its own randomness per batch and keeps its position in ``loader.state_dict()``).
+
+        A pass that starts mid-epoch may yield nothing: a checkpoint taken right after an epoch's
+        last batch resumes at that epoch's end (the loader advances the epoch when the pass ends).
+        Only a pass from an epoch's beginning that yields nothing means the data is too small."""
         while True:
             empty = True
+            fresh = not self.loader.state_dict()["worker_states"]  # no position saved: epoch start
             epoch = iter(self.loader)
             while True:
                 with torch.random.fork_rng(devices=[]):
@@ -148,7 +153,7 @@ class Trainer:
                     break
                 empty = False
                 yield batch
-            if empty:
+            if empty and fresh:
                 raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
 
     def fit(self) -> dict[str, Any]:
