@@ -204,8 +204,9 @@ class EvalConfig:
     """Rows (image–caption pairs) per embedding batch."""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     """Recall@k values reported for image→text and text→image."""
-    chunk: int = 4096
-    """Query rows per similarity block (never the full N×N matrix)."""
+    chunk: int = 1024
+    """Queries scored per block, each against every candidate at once (chunk × N scores in memory,
+    never N × N); the results do not depend on it, ties included."""
     max_batches: int = 0
     """Evaluate on at most this many loader batches of batch_size rows (0 = the whole set)."""
 

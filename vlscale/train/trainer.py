@@ -246,7 +246,12 @@ class Trainer:
         results = evaluate_retrieval(self.engine, self.cfg, self.model.tokenizer, self.model.data_config(),
                                      self.cfg.data.eval_shards)
         self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
-        self.logger.message(f"step {self.step}: " + ", ".join(f"{k}={v:.2f}" for k, v in results.items()))
+        if results:
+            from vlscale.eval.retrieval import percent_table
+
+            rows = [f"{label} " + " ".join(f"{k} {v:.2f}" for k, v in recalls.items())
+                    for label, recalls in percent_table(results, "open_clip").items()]
+            self.logger.message(f"step {self.step}: " + " | ".join(rows) + f" | rsum {results['rsum']:.1f}")
         return results
 
     def _memory_report(self) -> None:
