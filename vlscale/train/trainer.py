@@ -4,7 +4,9 @@
 Build order (each step needs the previous one):
 
 1. runtime: torch.distributed + device; the model seed is the same on every rank (identical
-   initial replicas), the step seed differs per rank (dropout, mixup);
+   initial replicas), the step seed differs per rank (dropout, mixup); then the config-time checks
+   of :mod:`vlscale.train.preflight` (batch split, rows per rank × worker, chunk size, warmup,
+   tokenization), before anything is built;
 2. model (single-device code; under ZeRO-3 built partitioned, :mod:`vlscale.train.build`) → AdamW with weight-decay exclusions → cosine schedule → engine
    (DeepSpeed / FSDP2 / local), which wraps them from outside;
 3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
@@ -31,12 +33,14 @@ from vlscale.config import Config, save_config
 from vlscale.data import build_loader
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
+from vlscale.model.tokenizer import TokenStats, text_warning
 from vlscale.train import checkpoint as ckpt
 from vlscale.train.build import build_model, full_shapes
 from vlscale.train.dsconfig import resolve_batch, to_deepspeed_config
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
+from vlscale.train.preflight import preflight
 from vlscale.train.runtime import Runtime, init_runtime, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ class Trainer:
         self.cfg = cfg
         self.rt: Runtime = init_runtime(cfg)
         setup_logging(self.rt.rank)
+        for warning in preflight(cfg, self.rt.world_size):  # raises before anything is built
+            if self.rt.is_main:
+                log.warning("config: %s", warning)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.micro, _, self.global_batch = resolve_batch(cfg.train, self.rt.world_size)
@@ -72,6 +79,9 @@ class Trainer:
         self.objective = build_loss_fn(cfg, process_group=self.rt.process_group, module=self.engine.module,
                                        tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro)
         self.loss_fn = self.objective  # what the gradient cache calls (tests may wrap it)
+        tok = self.model.tokenizer
+        self.text_stats = TokenStats(tok) if tok is not None else None
+        self._text_warned = False
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
         self.losses: dict[int, float] = {}
@@ -176,6 +186,8 @@ class Trainer:
         return {"step": self.step, "losses": dict(self.losses), "counters": dict(self.counters), "eval": last_eval}
 
     def _train_step(self, batch: Any) -> dict[str, float]:
+        if self.text_stats is not None and batch.tokens is not None:
+            self.text_stats.update(batch.tokens, batch.attention_mask)  # the captions as the loader tokenized them
         inputs = batch.to(self.rt.device).model_inputs()
         start = time.perf_counter()
         inputs = self.objective.prepare(self.step, batch, inputs)  # mixup / concepts / momentum keys
@@ -234,6 +246,15 @@ class Trainer:
         out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples"))
         out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
         out.update(memory_stats(self.rt.device))
+        if self.text_stats is not None:  # since the last logged step, this rank's batches
+            rates = self.text_stats.rates()
+            out.update({f"text/{k}": v for k, v in rates.items()})
+            self.text_stats.reset()
+            warning = text_warning(rates, context_length=self.cfg.model.context_length,
+                                   word_list=bool(self.cfg.model.tokenizer_words))
+            if warning and not self._text_warned and self.rt.is_main:
+                self._text_warned = True
+                log.warning("text of the training batches (text/* metrics): %s", warning)
         return out
 
     # -- evaluation and checkpoints ---------------------------------------------------------
