@@ -99,6 +99,10 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep (older ones are deleted)."""
+    init_from: str = ""
+    """Start from the weights of a checkpoint folder, a run dir (its latest checkpoint), a
+    ``vlscale export`` folder or a weights file — weights only: step 0, a fresh optimizer and
+    schedule, any world size and engine ('' = random init; ``--resume`` wins over it)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """What a NaN/inf loss does: stop the run with a message, or skip that step (counted)."""
     max_nonfinite_skips: int = 10

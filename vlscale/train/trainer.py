@@ -10,7 +10,9 @@ Build order (each step needs the previous one):
 2. model (single-device code; under ZeRO-3 built partitioned, :mod:`vlscale.train.build`) → AdamW with weight-decay exclusions → cosine schedule → engine
    (DeepSpeed / FSDP2 / local), which wraps them from outside;
 3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
-4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint.
+4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint (at
+   another world size through :mod:`vlscale.train.reshard`); or ``train.init_from``: only the
+   weights of a checkpoint / export, loaded before the engine wraps the model (step 0).
 
 One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks: the
 gradient cache embeds it chunk by chunk, the loss runs once over the gathered embeddings, the
@@ -69,7 +71,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build).
         self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config)
+        init_state = self._init_weights(resume_from)  # train.init_from: before the engine builds masters
         self.engine, self.optimizer, self.scheduler = self._build_engine()
+        if init_state is not None:
+            ckpt.set_masters(self.engine, init_state)  # exact fp32 masters under fp16 / bf16
+            del init_state
         self.loader = self._build_loader()
         torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
         gc = cfg.gradcache
@@ -122,20 +128,60 @@ class Trainer:
         return engine, optimizer, scheduler
 
     def _build_loader(self) -> Any:
+        return self._make_loader(self.rt.rank, self.rt.world_size, self.micro, self.cfg.data.num_workers)
+
+    def _make_loader(self, rank: int, world_size: int, batch_size: int, num_workers: int) -> Any:
+        """This run's loader, or (re-split after a world-size change) an old rank's loader."""
         cfg = self.cfg
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at a folder of Arrow shards")
         return build_loader(
             cfg.data.train_shards, tokenizer=self.model.tokenizer, image_size=cfg.data.image_size or None,
             data_config=None if cfg.data.image_size else self.model.data_config(), train=True,
-            batch_size=self.micro, rank=self.rt.rank, world_size=self.rt.world_size,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
+            batch_size=batch_size, rank=rank, world_size=world_size,
+            num_workers=num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
             max_length=cfg.model.context_length, on_error="skip",
             scale=(0.9, 1.0) if cfg.data.augment else (1.0, 1.0))
 
+    def _init_weights(self, resume_from: Path | None) -> dict[str, Any] | None:
+        """``train.init_from``: the weights of a checkpoint or export, nothing else (a resume wins)."""
+        source = self.cfg.train.init_from
+        if not source:
+            return None
+        if resume_from is not None:
+            log.info("train.init_from=%s ignored: resuming from %s", source, resume_from)
+            return None
+        state = ckpt.load_model_weights(source)
+        ckpt.load_weights_into(self.model, state, source=f"train.init_from={source}")
+        log.info("train.init_from: weights from %s (%d tensors); step 0, fresh optimizer and schedule",
+                 ckpt.weights_file(source), len(state))
+        return state
+
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, loader=self.loader)
+        from vlscale.train import reshard
+
+        states = ckpt.rank_states(path)
+        saved_world, world, rank = ckpt.saved_world_size(path), self.rt.world_size, self.rt.rank
+        resplit = any("resplit" in extra["loader"] for extra in states.values())
+        if saved_world == world and not resplit:
+            state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, loader=self.loader)
+        else:
+            if saved_world == world:
+                ckpt.load_engine(path, engine=self.engine, optimizer=self.optimizer, scheduler=self.scheduler)
+            else:
+                log.warning("resuming a %d-rank checkpoint on %d ranks (see vlscale.train.reshard): same weights, "
+                            "optimizer state and global batches; per-rank random draws are re-seeded", saved_world, world)
+                reshard.load_engine_resharded(self.engine, self.optimizer, self.scheduler, path, states[0])
+            old_world, old_states = reshard.old_stream_states(states, saved_world)
+            self.loader = reshard.ResplitLoader(self._make_loader, old_states, old_world=old_world, rank=rank,
+                                                world=world, micro=self.micro, next_loader=self.loader)
+            own = states.get(rank) if saved_world == world else None
+            if own is not None:
+                ckpt.set_rng_state(own["rng"])
+            else:
+                torch.manual_seed(self.cfg.train.seed + 1 + 1000 * rank + 7919 * int(states[0]["step"]))
+            state = {"step": int(states[0]["step"]), "trainer": states[0].get("trainer", {})}
         self.step = state["step"]
         self.counters.update(state["trainer"].get("counters", {}))
         self.objective.load_state_dict(state["trainer"].get("objective", {}))
