@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("vlscale.data.cli", "build / inspect / verify Arrow shards"),
     "train": ("vlscale.train.cli", "train a dual encoder (use under deepspeed / torchrun)"),
     "eval": ("vlscale.eval.cli", "zero-shot retrieval / classification of a checkpoint"),
+    "export": ("vlscale.export", "a checkpoint as an open_clip + Hugging Face folder"),
 }
 
 
