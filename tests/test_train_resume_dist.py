@@ -131,9 +131,10 @@ def test_deepspeed_epoch_boundary_resume_world_size_change_and_zero_to_fp32(tmp_
     # 23 rows, global batch 8 over 2 ranks: an epoch is 2 steps, so step 2 ends one (the issue's case).
     shards = build_demo_dataset(tmp_path / "shards", n_train=23, n_eval=4, size=32)
 
-    def args(run: Path, *extra: str) -> list[str]:
-        return ["--recipe", "tiny-cpu", *overrides(str(shards["train"]), run, "deepspeed", *extra, dropout=0.0),
-                "engine.zero_stage=2"]
+    def args(run: Path, *extra: str, resume: str | None = None) -> list[str]:
+        out = ["--recipe", "tiny-cpu", *overrides(str(shards["train"]), run, "deepspeed", "engine.zero_stage=2",
+                                                  *extra, dropout=0.0)]
+        return out + (["--resume", resume] if resume else [])
 
     full = tmp_path / "full"
     _launch(args(full, "train.ckpt_every=1"), tmp_path / "full.log")
@@ -145,7 +146,7 @@ def test_deepspeed_epoch_boundary_resume_world_size_change_and_zero_to_fp32(tmp_
     for name in ("step_000003", "step_000004"):
         shutil.rmtree(crashed / "checkpoints" / name)
     (crashed / "checkpoints" / "latest").write_text("step_000002\n")
-    _launch(args(crashed, "train.ckpt_every=1", "--resume", "auto"), tmp_path / "crashed.log")
+    _launch(args(crashed, "train.ckpt_every=1", resume="auto"), tmp_path / "crashed.log")
     again = [r for r in _records(crashed) if "loss" in r]
     assert [r["step"] for r in again] == [1, 2, 3, 4]  # each step once
     for r in again[2:]:
@@ -165,7 +166,7 @@ def test_deepspeed_epoch_boundary_resume_world_size_change_and_zero_to_fp32(tmp_
     # One process resumes the 2-rank ZeRO-2 checkpoint of step 1 (mid-epoch): DeepSpeed's universal
     # checkpoint for the optimizer, the old split for the rest of the epoch: step 2's global batch.
     one = tmp_path / "one"
-    _launch(args(one, "train.steps=2", "--resume", str(step1)), tmp_path / "one.log", nproc=1)
+    _launch(args(one, "train.steps=2", resume=str(step1)), tmp_path / "one.log", nproc=1)
     assert (step1 / "engine_universal").is_dir()
     resumed = {r["step"]: r["loss"] for r in _records(one) if "loss" in r}
     assert sorted(resumed) == [2] and resumed[2] == pytest.approx(losses[2], rel=1e-5, abs=1e-6)
