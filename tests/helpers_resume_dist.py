@@ -84,8 +84,8 @@ def fsdp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None
         finally:
             ckpt._load_engine = good
         batches: list = []
-        results["nodrop"] = run(overrides(shards, root / "nodrop", "fsdp", "train.ckpt_every=2", dropout=0.0),
-                                record=batches)
+        results["nodrop"] = run(overrides(shards, root / "nodrop", "fsdp", "train.ckpt_every=2", "train.steps=5",
+                                          dropout=0.0), record=batches)
         torch.save(batches, root / f"batches_rank{rank}.pt")
     except Exception:
         results["error"] = traceback.format_exc()

@@ -71,22 +71,31 @@ def test_fsdp2_resume_bitwise_and_two_ranks_equal_one(port: int, tmp_path: Path)
     global_batches = [Batch(pixels=torch.cat([a["pixels"], b["pixels"]]), tokens=torch.cat([a["tokens"], b["tokens"]]),
                             attention_mask=torch.cat([a["attention_mask"], b["attention_mask"]]), source=[],
                             keys=a["keys"] + b["keys"], captions=[]) for a, b in zip(*per_rank)]
-    one = Trainer(load_recipe("tiny-cpu", overrides(str(shards["train"]), tmp_path / "one", "local", dropout=0.0)))
+    one = Trainer(load_recipe("tiny-cpu", overrides(str(shards["train"]), tmp_path / "one", "local", "train.steps=5",
+                                                    dropout=0.0)))
     one.loader = Replay(global_batches)
     try:
         single = one.fit()["losses"]
     finally:
         one.close()
-    for step in (1, 2, 3, 4):
+    for step in (1, 2, 3, 4, 5):
         assert single[step] == pytest.approx(nodrop[step], rel=1e-5, abs=1e-6), f"step {step}: 1 rank vs 2 ranks"
 
-    # World size 2 -> 1: one FSDP2 process resumes the 2-rank checkpoint (DCP re-shards).
+    # World size 2 -> 1: one FSDP2 process resumes the 2-rank checkpoint (DCP re-shards), reading
+    # the rest of the epoch (5 steps) in the 2-rank split; its own checkpoint of step 4, taken
+    # mid re-split, resumes too.
     step2 = tmp_path / "nodrop" / "checkpoints" / "step_000002"
-    again = train(load_recipe("tiny-cpu", overrides(str(shards["train"]), tmp_path / "w1", "fsdp", dropout=0.0)),
-                  resume=str(step2))
-    assert sorted(again["losses"]) == [3, 4]
-    for step in (3, 4):
-        assert again["losses"][step] == pytest.approx(nodrop[step], rel=1e-5, abs=1e-6), f"2 -> 1 ranks, step {step}"
+
+    def w1(run: str) -> list[str]:
+        return overrides(str(shards["train"]), tmp_path / run, "fsdp", "train.steps=5", "train.ckpt_every=2",
+                         dropout=0.0)
+
+    again = train(load_recipe("tiny-cpu", w1("w1")), resume=str(step2))
+    assert sorted(again["losses"]) == [3, 4, 5]
+    for step, loss in again["losses"].items():
+        assert loss == pytest.approx(nodrop[step], rel=1e-5, abs=1e-6), f"2 -> 1 ranks, step {step}"
+    last = train(load_recipe("tiny-cpu", w1("w1b")), resume=str(tmp_path / "w1" / "checkpoints" / "step_000004"))
+    assert last["losses"] == {5: again["losses"][5]}
 
     # init_from: the weights of the 2-rank FSDP2 checkpoint, into a local run at step 0.
     init = Trainer(load_recipe("tiny-cpu", overrides(str(shards["train"]), tmp_path / "init", "local",
