@@ -54,7 +54,9 @@ def _losses(obj: dict) -> dict[int, float]:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_fsdp2_resume_bitwise_and_two_ranks_equal_one(port: int, tmp_path: Path) -> None:
+def test_fsdp2_resume_bitwise_and_two_ranks_equal_one(port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # the in-process runs below set them: undone after the test
     shards = build_demo_dataset(tmp_path / "shards", n_train=40, n_eval=4, size=32)
     mp.spawn(fsdp_worker, args=(2, port, str(shards["train"]), str(tmp_path)), nprocs=2, join=True)
     res = json.loads((tmp_path / "losses.json").read_text())
@@ -115,12 +117,14 @@ def test_fsdp2_resume_bitwise_and_two_ranks_equal_one(port: int, tmp_path: Path)
 def _launch(args: list[str], log: Path, nproc: int = 2) -> None:
     from conftest import free_port
 
+    env = {k: v for k, v in child_env(nproc).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     if nproc == 1:
         cmd = [sys.executable, "-m", "vlscale.train", *args]
+        env["MASTER_PORT"] = str(free_port())
     else:
         cmd = launch_command("deepspeed", nproc, free_port(), args)
     with log.open("w") as fh:  # own process group: a hung run is killed with its ranks, not orphaned
-        proc = subprocess.Popen(cmd, env=child_env(nproc), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=420)
         except subprocess.TimeoutExpired:
