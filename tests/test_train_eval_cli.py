@@ -73,7 +73,8 @@ def test_driver_groups_captions_and_gets_known_answers(shards: dict[str, Path], 
     assert len(keys) == N_IMAGES and len(tok) == N_IMAGES * CAPTIONS  # five distinct captions per image
     m = evaluate_retrieval(Oracle(pix, tok, shift), cfg, model.tokenizer, model.data_config(), str(shards["eval"]))
     assert (m["n_images"], m["n_texts"]) == (N_IMAGES, N_IMAGES * CAPTIONS)
-    assert m["i2t_R@1"] == r1 and m["t2i_R@1"] == r1
+    # Training-time evaluation logs open_clip's names, as fractions.
+    assert m["image_to_text_R@1"] == r1 / 100 and m["text_to_image_R@1"] == r1 / 100
 
 
 def brute_force(model: DualEncoder, cfg: Config, shards: Path) -> dict[str, float]:
@@ -96,8 +97,8 @@ def brute_force(model: DualEncoder, cfg: Config, shards: Path) -> dict[str, floa
         own = sim[owner_t == i, i]
         i2t_best.append(int((sim[:, i] > own.max()).sum()))
     i2t_rank = torch.tensor(i2t_best)
-    return {f"{n}_R@{k}": 100.0 * float((r < k).float().mean()) for n, r in (("t2i", t2i_rank), ("i2t", i2t_rank))
-            for k in (1, 5)}
+    return {f"{n}_recall@{k}": float((r < k).float().mean())
+            for n, r in (("image_retrieval", t2i_rank), ("text_retrieval", i2t_rank)) for k in (1, 5)}
 
 
 def test_eval_cli_on_a_saved_checkpoint(shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -115,7 +116,14 @@ def test_eval_cli_on_a_saved_checkpoint(shards: dict[str, Path], tmp_path: Path,
     printed = capsys.readouterr().out
     assert "image→text" in printed and f"{N_IMAGES} images, {N_IMAGES * CAPTIONS} captions" in printed
     result = json.loads(out.read_text())
-    assert result["checkpoint"] == str(ckpt) and result["memory"]["mem/peak_rss_mib"] > 0
+    assert result["pretrained"] == str(ckpt) and result["memory"]["mem/peak_rss_mib"] > 0
+    # CLIP_benchmark's layout: task, dataset, model, pretrained, metrics (fractions); plus where from.
+    assert result["task"] == "zeroshot_retrieval" and result["dataset"]["shards"] == str(shards["eval"])
+    assert (result["dataset"]["n_images"], result["dataset"]["n_texts"]) == (N_IMAGES, N_IMAGES * CAPTIONS)
+    assert result["checkpoint"] == {"path": str(ckpt), "step": 5, "recipe": cfg.recipe,
+                                    "run_dir": str(tmp_path / "run")}
+    assert result["model"]["params"] == sum(p.numel() for p in model.parameters())
+    assert all(0.0 <= v <= 1.0 for k, v in result["metrics"].items() if "recall@" in k)
     expected = brute_force(model, cfg, shards["eval"])
     for key, value in expected.items():
         assert result["metrics"][key] == pytest.approx(value, abs=1e-4), key

@@ -12,6 +12,8 @@ launcher, in ``test_train_launcher.py`` (DeepSpeed cannot be re-initialised in o
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,65 @@ def test_interrupted_save_leaves_the_previous_checkpoint(shards: dict[str, Path]
     assert not (ckpts / ".tmp-step_000003").exists()
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         train(load_recipe("tiny-cpu", overrides(shards, run, LOCAL)), resume=str(tmp_path))
+
+
+# -- epoch boundaries (issue: `--resume` crashed when the latest checkpoint ended an epoch) -------------
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """23 rows with a global batch of 8: one epoch is 2 steps (7 rows dropped), so the checkpoint
+    of step 2 sits exactly at an epoch's end (the issue's reproduction)."""
+    return build_demo_dataset(tmp_path_factory.mktemp("small"), n_train=23, n_eval=4, size=32)
+
+
+def _small(shards: dict[str, Path], run: Path, *extra: str) -> list[str]:
+    return overrides(shards, run, LOCAL, "train.global_batch_size=8", "gradcache.chunk_size=3",
+                     "train.tensorboard=true", *extra)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tb_steps(run: Path, tag: str = "loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=True)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resume_at_epoch_end_and_extending_a_finished_run(small_shards: dict[str, Path], tmp_path: Path) -> None:
+    full = train(load_recipe("tiny-cpu", _small(small_shards, tmp_path / "full", "train.ckpt_every=2")))
+    assert sorted(full["losses"]) == [1, 2, 3, 4]
+
+    # A crash after step 4 was logged but before its checkpoint: the run dir holds metrics and
+    # TensorBoard events of steps 1-4 and a checkpoint of step 2 (an epoch's end).
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    ckpts = crashed / "checkpoints"
+    shutil.rmtree(ckpts / "step_000004")
+    (ckpts / "latest").write_text("step_000002\n")
+    with (crashed / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "loss": 1.')  # a torn last line
+    resumed = train(load_recipe("tiny-cpu", _small(small_shards, crashed, "train.ckpt_every=2")), resume="auto")
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert resumed["losses"][step] == full["losses"][step], f"step {step} after an epoch-end resume"
+    assert [r["step"] for r in _records(crashed) if "loss" in r] == [1, 2, 3, 4]  # each step once
+    assert _tb_steps(crashed) == [1, 2, 3, 4]
+
+    # The issue's reproduction: a finished 2-step run extended to 4 steps with --resume auto.
+    run = tmp_path / "extended"
+    train(load_recipe("tiny-cpu", _small(small_shards, run, "train.steps=2", "train.ckpt_every=2")))
+    more = train(load_recipe("tiny-cpu", _small(small_shards, run, "train.steps=4", "train.ckpt_every=2")),
+                 resume="auto")
+    assert sorted(more["losses"]) == [3, 4] and all(math.isfinite(v) for v in more["losses"].values())
+    assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4]
+    assert more["counters"]["samples"] == 4 * 8
+
+    # Resuming from the final step has nothing left to do.
+    done = train(load_recipe("tiny-cpu", _small(small_shards, run, "train.steps=4")), resume="auto")
+    assert done["step"] == 4 and done["losses"] == {}
+    assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4]

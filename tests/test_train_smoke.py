@@ -61,8 +61,10 @@ def test_smoke_training_logs_checkpoints_and_evaluates(shards: dict[str, Path], 
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("lr", "logit_scale", "samples_per_s", "data/skipped", "mem/peak_rss_mib", "train/samples"):
         assert key in steps[-1], key
+    # How well the captions tokenize reaches the metrics (the demo's captions: every word in the vocabulary).
+    assert steps[-1]["text/unk_rate"] == 0.0 and steps[-1]["text/char_split_rate"] == 0.0
     assert steps[0]["lr"] < steps[1]["lr"]  # linear warmup
-    evals = [r for r in records if "eval/i2t_R@1" in r]
+    evals = [r for r in records if "eval/image_to_text_R@1" in r]  # open_clip's names, fractions
     assert [r["step"] for r in evals] == [3, 6] and evals[-1]["eval/n_images"] == 6
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000006"]

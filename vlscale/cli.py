@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("vlscale.doctor", "torch build vs GPUs, the loss backend auto picks, DeepSpeed ops"),
     "concepts": ("vlscale.techniques.cli", "tag a shard set with ViCHA visual concepts mined by a checkpoint"),
     "memory": ("vlscale.memory.cli", "will a recipe fit (plan), what did it take (measure / report)"),
+    "export": ("vlscale.export", "a checkpoint as an open_clip + Hugging Face folder"),
 }
 
 

@@ -161,6 +161,10 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep (older ones are deleted)."""
+    init_from: str = ""
+    """Start from the weights of a checkpoint folder, a run dir (its latest checkpoint), a
+    ``vlscale export`` folder or a weights file — weights only: step 0, a fresh optimizer and
+    schedule, any world size and engine ('' = random init; ``--resume`` wins over it)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """What a NaN/inf loss does: stop the run with a message, or skip that step (counted)."""
     max_nonfinite_skips: int = 10
@@ -326,8 +330,9 @@ class EvalConfig:
     """Rows (image–caption pairs) per embedding batch."""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     """Recall@k values reported for image→text and text→image."""
-    chunk: int = 4096
-    """Query rows per similarity block (never the full N×N matrix)."""
+    chunk: int = 1024
+    """Queries scored per block, each against every candidate at once (chunk × N scores in memory,
+    never N × N); the results do not depend on it, ties included."""
     max_batches: int = 0
     """Evaluate on at most this many loader batches of batch_size rows (0 = the whole set)."""
 

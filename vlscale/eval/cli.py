@@ -26,8 +26,14 @@ JSON ``{"classes": [...], "templates": [...]}`` (templates hold ``{}``; default:
 For the demo's shards (two objects a scene, captions naming both): list the 18 objects ("red
 circle" … "white triangle") and use ``--labels-from column:concepts``: the label is the scene's
 first object (the upper / left one), so top-1 is capped near 50 % even for a perfect model —
-top-5 says more. The metrics (top-1 / top-5 accuracy, chance level, skips) are printed after
-retrieval and saved under ``"zeroshot"`` in ``--out``.
+top-5 says more. The metrics (top-1 / top-5 accuracy, mean per-class recall, chance level, skips)
+are printed after retrieval and saved under ``"zeroshot_classification"`` in ``--out``.
+
+Output conventions: the table printed for people gives recalls and accuracies in percent; the
+``--out`` JSON follows CLIP_benchmark — fractions named ``image_retrieval_recall@K`` (caption →
+image), ``text_retrieval_recall@K`` (image → caption), ``acc1``, ``acc5``,
+``mean_per_class_recall`` — with ``task``, ``dataset``, ``model`` and ``pretrained`` (the
+checkpoint) beside ``metrics``, plus the checkpoint's step and recipe.
 """
 
 from __future__ import annotations
@@ -233,7 +239,8 @@ def read_labels(images: list[tuple[str, list[str]]], classes: Sequence[str], lab
 def zero_shot_metrics(model: Any, cfg: Any, image_emb: torch.Tensor, images: list[tuple[str, list[str]]],
                       classes: Sequence[str], templates: Sequence[str], labels_from: str,
                       shards: str) -> dict[str, Any]:
-    """Top-1 / top-5 zero-shot accuracy (percent) of the labelled images, with the skip counts."""
+    """CLIP_benchmark's ``acc1`` / ``acc5`` / ``mean_per_class_recall`` (fractions) of the labelled
+    images, with the skip counts and the chance level."""
     from vlscale.eval import build_classifier, zero_shot_classify
 
     labels, skipped = read_labels(images, classes, labels_from, shards)
@@ -243,17 +250,37 @@ def zero_shot_metrics(model: Any, cfg: Any, image_emb: torch.Tensor, images: lis
                          f"--labels-from {labels_from} ({dict(skipped)}); check it and the class names")
     classifier = build_classifier(model, model.tokenizer, list(classes), templates,
                                   context_length=cfg.model.context_length, batch_size=cfg.eval.batch_size)
-    res = zero_shot_classify(image_emb[keep], classifier, torch.tensor([labels[i] for i in keep]), ks=(1, 5))
-    out = {k: v for k, v in res.items() if k.startswith("top")}
-    return {**out, "n_images": len(keep), "n_classes": len(classes), "chance_top1": 100.0 / len(classes),
-            "labels_from": labels_from, "skipped": dict(skipped), "templates": list(templates)}
+    res = zero_shot_classify(image_emb[keep], classifier, torch.tensor([labels[i] for i in keep]), ks=(1, 5),
+                             chunk=cfg.eval.chunk)
+    metrics = {k: v for k, v in res.items() if k.startswith("acc") or k == "mean_per_class_recall"}
+    return {"task": "zeroshot_classification", "metrics": metrics, "n_images": len(keep),
+            "n_classes": len(classes), "chance_acc1": 1.0 / len(classes), "labels_from": labels_from,
+            "skipped": dict(skipped), "templates": list(templates)}
+
+
+def _checkpoint_info(ckpt: Path, cfg: Any) -> dict[str, Any]:
+    step = None
+    if ckpt.name.startswith("step_") and ckpt.name[5:].isdigit():
+        step = int(ckpt.name[5:])
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return {"path": str(ckpt), "step": step, "recipe": cfg.recipe, "run_dir": str(run_dir) if run_dir else None}
+
+
+def _model_info(model: Any, cfg: Any) -> dict[str, Any]:
+    m = cfg.model
+    return {"name": f"{m.vision_model} + {m.text_model}", "vision_model": m.vision_model,
+            "text_model": m.text_model, "embed_dim": m.embed_dim, "context_length": m.context_length,
+            "image_size": list(model.data_config()["input_size"][1:]),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, batch_size: int | None = None,
                         max_batches: int | None = None, device: str | None = None,
                         classes: str | None = None, labels_from: str = "caption") -> dict[str, Any]:
-    """Retrieval metrics of a checkpoint (see the module docstring) plus timing and peak memory;
-    with ``classes``, also zero-shot classification under ``"zeroshot"``."""
+    """Retrieval metrics of a checkpoint (see the module docstring for the conventions) with the
+    dataset / checkpoint / model metadata, timing and peak memory; with ``classes``, also zero-shot
+    classification under ``"zeroshot_classification"``."""
+    import vlscale
     from vlscale.eval import embed_dataset, retrieval_metrics
     from vlscale.train.evaluate import eval_loader
     from vlscale.train.metrics import memory_stats
@@ -274,29 +301,38 @@ def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, ba
     # One embedding pass serves both retrieval and zero-shot (as evaluate_retrieval, one process).
     loader = RecordingLoader(eval_loader(cfg, str(shards), model.tokenizer, model.data_config()))
     img, txt, t2i = embed_dataset(model, loader, group_by="key", max_batches=cfg.eval.max_batches or None)
-    metrics = retrieval_metrics(img, txt, t2i, ks=tuple(cfg.eval.ks), chunk=cfg.eval.chunk)
-    result: dict[str, Any] = {"checkpoint": str(ckpt), "shards": str(shards), "metrics": metrics}
+    metrics = retrieval_metrics(img, txt, t2i, ks=tuple(cfg.eval.ks), chunk=cfg.eval.chunk, names="clip_benchmark")
+    dataset = {"name": Path(str(shards)).name, "shards": str(shards), "n_images": int(metrics["n_images"]),
+               "n_texts": int(metrics["n_texts"]), "images_without_text": int(metrics["images_without_text"]),
+               "max_batches": cfg.eval.max_batches or None}
+    result: dict[str, Any] = {"task": "zeroshot_retrieval", "dataset": dataset, "model": _model_info(model, cfg),
+                              "pretrained": str(ckpt), "checkpoint": _checkpoint_info(ckpt, cfg),
+                              "metrics": metrics, "vlscale_version": vlscale.__version__}
     if class_names:
-        result["zeroshot"] = zero_shot_metrics(model, cfg, img, loader.images(img.shape[0]), class_names,
-                                               templates, labels_from, str(shards))
-        result["zeroshot"]["classes_file"] = str(classes)
+        zs = zero_shot_metrics(model, cfg, img, loader.images(img.shape[0]), class_names, templates,
+                               labels_from, str(shards))
+        result["zeroshot_classification"] = {**zs, "classes_file": str(classes)}
     return {**result, "seconds": time.perf_counter() - start, "memory": memory_stats(dev)}
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    m = result["metrics"]
-    ks = sorted({int(k.split("@")[1]) for k in m if k.startswith("i2t_R@")})
-    lines = [f"checkpoint {result['checkpoint']}", f"held-out   {result['shards']}: "
-             f"{int(m['n_images'])} images, {int(m['n_texts'])} captions "
-             f"(chance R@1 ≈ {100 / max(m['n_images'], 1):.2f}%)"]
-    for name, label in (("i2t", "image→text"), ("t2i", "text→image")):
-        recalls = "  ".join(f"R@{k} {m[f'{name}_R@{k}']:6.2f}" for k in ks)
-        lines.append(f"{label:<11} {recalls}  median rank {m[f'{name}_median_rank']:.0f}")
-    zs = result.get("zeroshot")
+    """The table for people: recalls and accuracies in percent."""
+    from vlscale.eval.retrieval import percent_table
+
+    m, ds = result["metrics"], result["dataset"]
+    lines = [f"checkpoint {result['pretrained']}", f"held-out   {ds['shards']}: "
+             f"{ds['n_images']} images, {ds['n_texts']} captions "
+             f"(chance R@1 ≈ {100 / max(ds['n_images'], 1):.2f}%)"]
+    for (label, recalls), prefix in zip(percent_table(m).items(), ("text_retrieval", "image_retrieval")):
+        row = "  ".join(f"{k} {v:6.2f}" for k, v in recalls.items())
+        lines.append(f"{label:<11} {row}  median rank {m[f'{prefix}_median_rank']:.0f}")
+    zs = result.get("zeroshot_classification")
     if zs:
         skipped = sum(zs["skipped"].values())
-        accs = "  ".join(f"top-{k[3:]} {zs[k]:6.2f}" for k in sorted(zs) if k.startswith("top"))
-        lines.append(f"zero-shot   {accs}  ({zs['n_classes']} classes, chance top-1 {zs['chance_top1']:.2f}; "
+        zm = zs["metrics"]
+        accs = "  ".join(f"top-{k[3:]} {100 * v:6.2f}" for k, v in sorted(zm.items()) if k.startswith("acc"))
+        lines.append(f"zero-shot   {accs}  mean per-class recall {100 * zm['mean_per_class_recall']:.2f}  "
+                     f"({zs['n_classes']} classes, chance top-1 {100 * zs['chance_acc1']:.2f}; "
                      f"{zs['n_images']} images labelled from {zs['labels_from']}"
                      + (f", {skipped} skipped {zs['skipped']}" if skipped else "") + ")")
     lines.append(f"rsum {m['rsum']:.1f}   ({result['seconds']:.1f} s, peak RSS "
@@ -315,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_metrics(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 As in CLIP: each class's weight is the L2-normalised mean of its prompts' normalised text
 embeddings ("a photo of a {}." …); an image's class is the arg-max of its similarity to them.
+Metrics are CLIP_benchmark's, as fractions: ``acc1``, ``acc5`` (top-k accuracy) and
+``mean_per_class_recall`` (the recall of each class present in the labels, averaged: balanced
+accuracy, which a skewed class distribution cannot inflate).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def zero_shot_classify(image_emb: Tensor, classifier: Tensor, labels: Tensor | N
                        ks: Sequence[int] = (1, 5), chunk: int = 4096) -> dict[str, Any]:
     """Predict classes for ``image_emb`` (N, E) with ``classifier`` (C, E).
 
-    Returns ``predictions`` (N,) (ties → lower class index) and, when ``labels`` (N,) are given,
-    ``top{k}`` accuracy in percent for each k ≤ C, plus ``n``."""
+    Returns ``predictions`` (N,) (ties → lower class index: each image is scored against every
+    class in one product, then stably sorted) and ``n``; when ``labels`` (N,) are given, also
+    ``acc{k}`` (fraction) for each k ≤ C and ``mean_per_class_recall`` (fraction)."""
     if image_emb.dim() != 2 or classifier.dim() != 2 or image_emb.shape[1] != classifier.shape[1]:
         raise ValueError(f"image_emb (N, E) and classifier (C, E) must share E; got {tuple(image_emb.shape)}, "
                          f"{tuple(classifier.shape)}")
@@ -77,8 +81,17 @@ def zero_shot_classify(image_emb: Tensor, classifier: Tensor, labels: Tensor | N
             lab = labels[i:i + chunk].to(top.device)[:, None]
             for k in ks:
                 hits[k] += int((top[:, :k] == lab).any(1).sum())
-    out: dict[str, Any] = {"predictions": torch.cat(preds) if preds else torch.empty(0, dtype=torch.long),
-                           "n": int(image_emb.shape[0])}
+    predictions = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    out: dict[str, Any] = {"predictions": predictions, "n": int(image_emb.shape[0])}
     if labels is not None and image_emb.shape[0]:
-        out.update({f"top{k}": 100.0 * hits[k] / image_emb.shape[0] for k in ks})
+        out.update({f"acc{k}": hits[k] / image_emb.shape[0] for k in ks})
+        out["mean_per_class_recall"] = mean_per_class_recall(predictions, labels.to(predictions.device), n_cls)
     return out
+
+
+def mean_per_class_recall(predictions: Tensor, labels: Tensor, n_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of their images predicted right."""
+    support = torch.bincount(labels, minlength=n_classes)
+    correct = torch.bincount(labels[predictions == labels], minlength=n_classes)
+    present = support > 0
+    return float((correct[present].double() / support[present].double()).mean().item())

@@ -5,6 +5,10 @@ this module drives them: the deterministic eval loader, the forward through the 
 DeepSpeed's fp16 input cast and ZeRO-3 / FSDP2 parameter gathering happen), and which ranks run.
 With ZeRO-3 or FSDP2 every rank must run the forward (parameters are gathered collectively);
 otherwise rank 0 evaluates alone while the others wait at a barrier.
+
+Names: training logs follow open_clip (``image_to_text_R@1``, ``text_to_image_R@5``, … as
+fractions, logged under ``eval/``), so curves compare with open_clip runs; ``vlscale eval`` writes
+CLIP_benchmark's names (see :mod:`vlscale.eval.cli`).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def eval_loader(cfg: Config, shards: str, tokenizer: Any, data_config: Mapping |
 
 def evaluate_retrieval(engine_or_model: Any, cfg: Config, tokenizer: Any, data_config: Mapping | None,
                        shards: str) -> dict[str, float]:
-    """Retrieval metrics (R@k both ways, rsum, ranks) on ``shards``; {} on ranks that sat out."""
+    """Retrieval metrics (open_clip names, fractions; rsum, ranks, counts) on ``shards``; {} on
+    ranks that sat out."""
     from vlscale.eval import embed_dataset, retrieval_metrics
 
     engine = None if isinstance(engine_or_model, nn.Module) else engine_or_model
@@ -75,7 +80,8 @@ def evaluate_retrieval(engine_or_model: Any, cfg: Config, tokenizer: Any, data_c
         loader = eval_loader(cfg, shards, tokenizer, data_config)
         img, txt, t2i = embed_dataset(model, loader, group_by="key", max_batches=cfg.eval.max_batches or None)
         if rank == 0:
-            results = retrieval_metrics(img, txt, t2i, ks=tuple(cfg.eval.ks), chunk=cfg.eval.chunk)
+            results = retrieval_metrics(img, txt, t2i, ks=tuple(cfg.eval.ks), chunk=cfg.eval.chunk,
+                                        names="open_clip")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return results

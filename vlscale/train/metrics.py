@@ -1,13 +1,20 @@
 """Run metrics: JSONL (always), TensorBoard (optional), a tqdm progress bar — all on rank 0 only.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``{"step": 10, "loss": ..., "lr": ...}``)
-and one per evaluation (``{"step": 300, "eval/i2t_R@1": ...}``), appended and flushed at once so
-that a crash loses nothing and a resumed run continues the same file.
+and one per evaluation (``{"step": 300, "eval/image_to_text_R@1": ...}``), appended and flushed at
+once so that a crash loses nothing and a resumed run continues the same file.
+
+Each step appears once. A run that starts at step ``s`` (a resume from the checkpoint of step
+``s``, or 0 for a fresh run) first drops every record after ``s`` — the steps a crashed run logged
+past its last checkpoint, which the resumed run is about to redo — by rewriting the file
+atomically; TensorBoard gets the same cut through ``SummaryWriter(purge_step=s + 1)``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import resource
 import sys
 import time
@@ -15,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def peak_rss_mib() -> float:
@@ -33,6 +42,32 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return out
 
 
+def purge_after(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (metrics.jsonl) logged after ``step``; returns how many went.
+
+    The file is rewritten through a temp file + rename, so a crash here leaves either the old or
+    the new file. A torn last line (a crash mid-write) is dropped too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("%s: dropped %d records after step %d (re-done by this run)", path, dropped, step)
+    return dropped
+
+
 class MetricsLogger:
     """Writes metrics on rank 0; a no-op object on the other ranks (``enabled=False``)."""
 
@@ -45,6 +80,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        purge_after(self.path, start_step)
         self._file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -4,11 +4,15 @@
 Build order (each step needs the previous one):
 
 1. runtime: torch.distributed + device; the model seed is the same on every rank (identical
-   initial replicas), the step seed differs per rank (dropout, mixup);
+   initial replicas), the step seed differs per rank (dropout, mixup); then the config-time checks
+   of :mod:`vlscale.train.preflight` (batch split, rows per rank × worker, chunk size, warmup,
+   tokenization), before anything is built;
 2. model (single-device code; under ZeRO-3 built partitioned, :mod:`vlscale.train.build`) → AdamW with weight-decay exclusions → cosine schedule → engine
    (DeepSpeed / FSDP2 / local), which wraps them from outside;
 3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
-4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint.
+4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint (at
+   another world size through :mod:`vlscale.train.reshard`); or ``train.init_from``: only the
+   weights of a checkpoint / export, loaded before the engine wraps the model (step 0).
 
 One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks: the
 gradient cache embeds it chunk by chunk, the loss runs once over the gathered embeddings, the
@@ -33,12 +37,14 @@ from vlscale.data.fs import storage_options
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
 from vlscale.memory.phases import StepPhases
+from vlscale.model.tokenizer import TokenStats, text_warning
 from vlscale.train import checkpoint as ckpt
 from vlscale.train.build import build_model, full_shapes
 from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
+from vlscale.train.preflight import preflight
 from vlscale.train.runtime import Runtime, init_runtime, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,9 @@ class Trainer:
         self.cfg = cfg = self.spec.config
         self.rt: Runtime = init_runtime(cfg)
         setup_logging(self.rt.rank)
+        for warning in preflight(cfg, self.rt.world_size):  # raises before anything is built
+            if self.rt.is_main:
+                log.warning("config: %s", warning)
         if self.rt.is_main:
             self.spec.log()  # engine, stage, offload, precision, launcher; one line per conflict
         self.run_dir = Path(cfg.train.run_dir)
@@ -73,7 +82,11 @@ class Trainer:
         # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build),
         # unless the launcher said zero3_init=false.
         self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config if self.spec.zero3_init else None)
+        init_state = self._init_weights(resume_from)  # train.init_from: before the engine builds masters
         self.engine, self.optimizer, self.scheduler = self._build_engine()
+        if init_state is not None:
+            ckpt.set_masters(self.engine, init_state)  # exact fp32 masters under fp16 / bf16
+            del init_state
         self.loader = self._build_loader()
         torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
         gc = cfg.gradcache
@@ -89,6 +102,9 @@ class Trainer:
         self.phase_memory = StepPhases(self.rt.device, steps=cfg.train.memory_phase_steps,
                                        backend=cfg.train.memory_backend).attach(
             gradcache=self.gradcache, engine=self.engine, module=self.engine.module)
+        tok = self.model.tokenizer
+        self.text_stats = TokenStats(tok) if tok is not None else None
+        self._text_warned = False
         self.step = 0
         self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
         self.losses: dict[int, float] = {}
@@ -136,23 +152,63 @@ class Trainer:
         return engine, optimizer, scheduler
 
     def _build_loader(self) -> Any:
+        return self._make_loader(self.rt.rank, self.rt.world_size, self.micro, self.cfg.data.num_workers)
+
+    def _make_loader(self, rank: int, world_size: int, batch_size: int, num_workers: int) -> Any:
+        """This run's loader, or (re-split after a world-size change) an old rank's loader."""
         cfg = self.cfg
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at a folder of Arrow shards")
         return build_loader(
             cfg.data.train_shards, tokenizer=self.model.tokenizer, image_size=cfg.data.image_size or None,
             data_config=None if cfg.data.image_size else self.model.data_config(), train=True,
-            batch_size=self.micro, rank=self.rt.rank, world_size=self.rt.world_size,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
+            batch_size=batch_size, rank=rank, world_size=world_size,
+            num_workers=num_workers, seed=cfg.train.seed, debiased=cfg.data.debiased,
             max_length=cfg.model.context_length, on_error=cfg.data.on_error,
             scale=cfg.data.crop_scale if cfg.data.augment else (1.0, 1.0),
             auto_augment=cfg.data.auto_augment if cfg.data.augment else "",
             text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split,
             storage=storage_options(cfg.data))
 
+    def _init_weights(self, resume_from: Path | None) -> dict[str, Any] | None:
+        """``train.init_from``: the weights of a checkpoint or export, nothing else (a resume wins)."""
+        source = self.cfg.train.init_from
+        if not source:
+            return None
+        if resume_from is not None:
+            log.info("train.init_from=%s ignored: resuming from %s", source, resume_from)
+            return None
+        state = ckpt.load_model_weights(source)
+        ckpt.load_weights_into(self.model, state, source=f"train.init_from={source}")
+        log.info("train.init_from: weights from %s (%d tensors); step 0, fresh optimizer and schedule",
+                 ckpt.weights_file(source), len(state))
+        return state
+
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, loader=self.loader)
+        from vlscale.train import reshard
+
+        states = ckpt.rank_states(path)
+        saved_world, world, rank = ckpt.saved_world_size(path), self.rt.world_size, self.rt.rank
+        resplit = any("resplit" in extra["loader"] for extra in states.values())
+        if saved_world == world and not resplit:
+            state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, loader=self.loader)
+        else:
+            if saved_world == world:
+                ckpt.load_engine(path, engine=self.engine, optimizer=self.optimizer, scheduler=self.scheduler)
+            else:
+                log.warning("resuming a %d-rank checkpoint on %d ranks (see vlscale.train.reshard): same weights, "
+                            "optimizer state and global batches; per-rank random draws are re-seeded", saved_world, world)
+                reshard.load_engine_resharded(self.engine, self.optimizer, self.scheduler, path, states[0])
+            old_world, old_states = reshard.old_stream_states(states, saved_world)
+            self.loader = reshard.ResplitLoader(self._make_loader, old_states, old_world=old_world, rank=rank,
+                                                world=world, micro=self.micro, next_loader=self.loader)
+            own = states.get(rank) if saved_world == world else None
+            if own is not None:
+                ckpt.set_rng_state(own["rng"])
+            else:
+                torch.manual_seed(self.cfg.train.seed + 1 + 1000 * rank + 7919 * int(states[0]["step"]))
+            state = {"step": int(states[0]["step"]), "trainer": states[0].get("trainer", {})}
         self.step = state["step"]
         self.counters.update(state["trainer"].get("counters", {}))
         self.objective.load_state_dict(state["trainer"].get("objective", {}))
@@ -164,9 +220,14 @@ class Trainer:
 
         Fetching runs under a forked RNG: a new DataLoader iterator draws its base seed from the
         global torch RNG, which would shift dropout / mixup after a resume (the data pipeline
-        seeds its own randomness per batch and keeps its position in ``loader.state_dict()``)."""
+        seeds its own randomness per batch and keeps its position in ``loader.state_dict()``).
+
+        A pass that starts mid-epoch may yield nothing: a checkpoint taken right after an epoch's
+        last batch resumes at that epoch's end (the loader advances the epoch when the pass ends).
+        Only a pass from an epoch's beginning that yields nothing means the data is too small."""
         while True:
             empty = True
+            fresh = not self.loader.state_dict()["worker_states"]  # no position saved: epoch start
             epoch = iter(self.loader)
             while True:
                 with torch.random.fork_rng(devices=[]):
@@ -175,7 +236,7 @@ class Trainer:
                     break
                 empty = False
                 yield batch
-            if empty:
+            if empty and fresh:
                 raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
 
     def fit(self) -> dict[str, Any]:
@@ -198,6 +259,8 @@ class Trainer:
         return {"step": self.step, "losses": dict(self.losses), "counters": dict(self.counters), "eval": last_eval}
 
     def _train_step(self, batch: Any) -> dict[str, float]:
+        if self.text_stats is not None and batch.tokens is not None:
+            self.text_stats.update(batch.tokens, batch.attention_mask)  # the captions as the loader tokenized them
         inputs = batch.to(self.rt.device).model_inputs()
         start = time.perf_counter()
         inputs = self.objective.prepare(self.step, batch, inputs)  # mixup / concepts / momentum keys
@@ -256,6 +319,15 @@ class Trainer:
         out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples" and not k.startswith("io_")))
         out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
         out.update(memory_stats(self.rt.device))
+        if self.text_stats is not None:  # since the last logged step, this rank's batches
+            rates = self.text_stats.rates()
+            out.update({f"text/{k}": v for k, v in rates.items()})
+            self.text_stats.reset()
+            warning = text_warning(rates, context_length=self.cfg.model.context_length,
+                                   word_list=bool(self.cfg.model.tokenizer_words))
+            if warning and not self._text_warned and self.rt.is_main:
+                self._text_warned = True
+                log.warning("text of the training batches (text/* metrics): %s", warning)
         return out
 
     # -- evaluation and checkpoints ---------------------------------------------------------
@@ -268,7 +340,12 @@ class Trainer:
         results = evaluate_retrieval(self.engine, self.cfg, self.model.tokenizer, self.model.data_config(),
                                      self.cfg.data.eval_shards)
         self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
-        self.logger.message(f"step {self.step}: " + ", ".join(f"{k}={v:.2f}" for k, v in results.items()))
+        if results:
+            from vlscale.eval.retrieval import percent_table
+
+            rows = [f"{label} " + " ".join(f"{k} {v:.2f}" for k, v in recalls.items())
+                    for label, recalls in percent_table(results, "open_clip").items()]
+            self.logger.message(f"step {self.step}: " + " | ".join(rows) + f" | rsum {results['rsum']:.1f}")
         return results
 
     def _memory_report(self) -> None:

@@ -1,0 +1,205 @@
+"""Config-time checks of a run, before any model is built: each finding names the field and the fix.
+
+``Trainer.__init__`` calls :func:`preflight` right after the process group is up (the checks need
+the world size) and before the model, the engine or a loader exists, so a run that cannot work
+fails in seconds with one message instead of minutes later inside a data worker:
+
+* **batch arithmetic** — ``train.global_batch_size`` must split evenly over the ranks;
+* **rows vs ranks × workers × batch** — the loader gives every (rank, worker) pair an equal share
+  of each stream's rows and makes *full* batches inside each worker, so a shard set of N rows
+  yields ``N // (ranks × workers) // micro_batch`` batches per worker; none at all is an error that
+  names which knob fixes it (fewer workers, a smaller batch, more rows). The row counts come from
+  the shard index (record-batch metadata: nothing is decoded);
+* **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
+  means one chunk per step: the cache then only adds a second forward (a warning);
+* **warmup vs steps** — a warmup as long as the run never reaches ``train.lr`` (a warning);
+* **text** — a sample of the training captions is tokenized: a high rate of unknown tokens,
+  words split into single characters or captions cut at ``model.context_length`` means the
+  tokenizer is mangling real text (a warning naming the rates; see
+  :func:`vlscale.model.tokenizer.audit_texts`).
+
+Errors raise :class:`PreflightError` (a ``ValueError``) listing every error found; warnings are
+returned (and logged by the caller on rank 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vlscale.config import Config
+
+log = logging.getLogger(__name__)
+CAPTION_SAMPLE = 512  # captions read for the tokenizer audit
+DROP_WARN = 0.10  # warn when partial batches leave this fraction of an epoch's rows unused
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+class PreflightError(ValueError):
+    """The config cannot run; the message lists each problem with its fix."""
+
+
+@dataclass
+class Findings:
+    errors: list[str]
+    warnings: list[str]
+
+
+def preflight(cfg: Config, world_size: int) -> list[str]:
+    """Check ``cfg`` for ``world_size`` ranks; raise :class:`PreflightError` or return the warnings."""
+    found = Findings([], [])
+    micro = _check_batch(cfg, world_size, found)
+    if micro:
+        _check_chunks(cfg, micro, world_size, found)
+        _check_rows(cfg, micro, world_size, found)
+    _check_schedule(cfg, found)
+    if not found.errors:
+        _check_text(cfg, found)
+    if found.errors:
+        raise PreflightError("config check failed before building the model:\n  - " + "\n  - ".join(found.errors))
+    return found.warnings
+
+
+def _check_batch(cfg: Config, world: int, found: Findings) -> int:
+    glob = cfg.train.global_batch_size
+    micro = cfg.train.micro_batch_size or glob // world
+    if micro >= 1 and micro * world == glob:
+        return micro
+    lo, hi = (glob // world) * world, (glob // world + 1) * world
+    sizes = " or ".join(str(s) for s in (lo, hi) if s >= world)
+    divisors = [d for d in range(1, min(glob, 64) + 1) if glob % d == 0]
+    found.errors.append(
+        f"train.global_batch_size={glob} does not split over {_n(world, 'rank')}"
+        + (f" with train.micro_batch_size={cfg.train.micro_batch_size}" if cfg.train.micro_batch_size else "")
+        + f"; fix: train.global_batch_size={sizes} (a multiple of the world size), or run on a world size "
+        f"dividing {glob} ({', '.join(map(str, divisors[-4:]))}, …)"
+        + (", or train.micro_batch_size=0 (derived)" if cfg.train.micro_batch_size else ""))
+    return 0
+
+
+def _check_chunks(cfg: Config, micro: int, world: int, found: Findings) -> None:
+    gc = cfg.gradcache
+    if not gc.enabled:
+        return
+    for name, value in (("chunk_size", gc.chunk_size), ("image_chunk_size", gc.image_chunk_size),
+                        ("text_chunk_size", gc.text_chunk_size)):
+        if value and value >= micro:
+            found.warnings.append(
+                f"gradcache.{name}={value} >= the per-rank batch of {micro} pairs (train.global_batch_size="
+                f"{cfg.train.global_batch_size} / {_n(world, 'rank')}): each step is one chunk, so the gradient cache "
+                f"bounds no memory and only adds a second forward; fix: gradcache.{name}={max(1, micro // 2)} "
+                "(or below), or gradcache.enabled=false")
+
+
+def _check_schedule(cfg: Config, found: Findings) -> None:
+    t = cfg.train
+    if t.warmup_steps >= t.steps > 1:
+        found.warnings.append(
+            f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate never gets past "
+            f"warmup (it would peak at step {t.warmup_steps}) and the cosine decay never starts; fix: "
+            f"train.warmup_steps={max(1, t.steps // 10)} (about a tenth of the run) or more train.steps")
+
+
+def stream_rows(cfg: Config) -> dict[str, int]:
+    """Rows of each sampling stream (each source under debiased sampling, else all) from the shard index."""
+    from vlscale.data.stream import ShardIndex
+
+    index = ShardIndex(cfg.data.train_shards, on_error="skip")
+    for path, why in index.skipped.items():
+        log.warning("preflight: shard %s is unreadable and will be skipped: %s", path, why)
+    return index.source_counts() if cfg.data.debiased else {"all": index.num_rows}
+
+
+def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int) -> int:
+    """Full batches one rank makes per epoch: every (rank, worker) gets ``rows // (world × workers)``
+    rows of each stream (drop_last) and batches them on its own."""
+    workers = max(1, workers)
+    return sum(workers * ((n // (world * workers)) // micro) for n in rows.values())
+
+
+def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
+    if not cfg.data.train_shards:
+        found.errors.append("data.train_shards is empty; fix: point it at a folder of Arrow shards "
+                            "(`vlscale shards build` writes them)")
+        return
+    try:
+        rows = stream_rows(cfg)
+    except ValueError as exc:
+        found.errors.append(f"data.train_shards={cfg.data.train_shards}: {exc}")
+        return
+    workers = max(1, cfg.data.num_workers)
+    total = sum(rows.values())
+    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers)
+    streams = world * workers
+    if per_rank == 0:
+        fixes = []
+        for nw in range(cfg.data.num_workers - 1, -1, -1):
+            if batches_per_rank(rows, micro=micro, world=world, workers=nw):
+                fixes.append(f"data.num_workers={nw}")
+                break
+        biggest = max(rows.values()) // streams
+        if biggest >= 1:
+            fixes.append(f"train.global_batch_size={biggest * world} (or less)")
+        fixes.append(f"at least {micro * streams} rows{' in one source' if cfg.data.debiased else ''}")
+        found.errors.append(
+            f"data.train_shards={cfg.data.train_shards}: {total} rows split over {_n(world, 'rank')} × "
+            f"{_n(workers, 'loader worker')} = {_n(streams, 'stream')} of ~{total // streams} rows"
+            + (f" (per source under data.debiased: {rows})" if cfg.data.debiased else "")
+            + f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
+            f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: " + ", or ".join(fixes))
+        return
+    used = per_rank * micro * world
+    if total and (total - used) / total > DROP_WARN:
+        found.warnings.append(
+            f"data: each epoch uses {used} of {total} rows ({total - used} left in partial batches of "
+            f"{_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}); fewer data.num_workers or a smaller batch "
+            "wastes less")
+    if cfg.data.debiased:
+        for name, n in rows.items():
+            if n // streams < micro:
+                found.warnings.append(f"data.debiased: source {name!r} has {n} rows, fewer than one batch of "
+                                      f"{micro} per stream ({streams} streams): it is never sampled")
+    log.info("preflight: %d rows, %d batches of %d per rank per epoch (%.2f epochs in %d steps)",
+             total, per_rank, micro, cfg.train.steps / per_rank, cfg.train.steps)
+
+
+def _check_text(cfg: Config, found: Findings) -> None:
+    from vlscale.model.tokenizer import audit_texts, build_tokenizer, text_warning
+
+    captions = sample_captions(cfg.data.train_shards, CAPTION_SAMPLE)
+    if not captions:
+        return
+    try:
+        tokenizer = build_tokenizer(cfg.model)
+    except ValueError:
+        return  # no tokenizer of its own: the model build reports it
+    stats = audit_texts(tokenizer, captions, max_length=cfg.model.context_length)
+    warning = text_warning(stats, context_length=cfg.model.context_length,
+                           word_list=bool(cfg.model.tokenizer_words))
+    if warning:
+        found.warnings.append(f"data.train_shards: in {len(captions)} sampled captions, {warning}")
+
+
+def sample_captions(shards: Any, limit: int) -> list[str]:
+    """Up to ``limit`` captions from the first record batches of the shards (no image is decoded)."""
+    from vlscale.data.stream import list_shards, open_shard
+
+    out: list[str] = []
+    try:
+        paths = list_shards(shards)
+    except ValueError:
+        return out
+    for path in paths:
+        try:
+            reader = open_shard(path)
+            for i in range(reader.num_record_batches):
+                out += [c for c in reader.get_batch(i).column("caption").to_pylist() if c]
+                if len(out) >= limit:
+                    return out[:limit]
+        except (ValueError, KeyError, OSError):
+            continue
+    return out
