@@ -4,6 +4,7 @@ fields reaching the loader through ``Trainer._build_loader``."""
 
 from __future__ import annotations
 
+import functools
 import random
 from types import SimpleNamespace
 
@@ -144,6 +145,7 @@ def test_trainer_build_loader_passes_the_augmentation_fields(tmp_path) -> None:
     cfg = load_recipe("tiny-cpu", [f"data.train_shards={tmp_path}", "data.image_size=8", "data.crop_scale=[0.6, 1]",
                                    "data.auto_augment=autoaugment", "data.text_mask_prob=0.2"])
     fake = SimpleNamespace(cfg=cfg, micro=4, model=SimpleNamespace(tokenizer=tok), rt=SimpleNamespace(rank=0, world_size=1))
+    fake._make_loader = functools.partial(Trainer._make_loader, fake)
     loader = Trainer._build_loader(fake)
     ds = loader.dataset
     assert ds.transform.scale == (0.6, 1.0) and ds.transform.auto_augment == "autoaugment"
