@@ -350,6 +350,12 @@ def model_config_class() -> type:
     return ModelConfig
 
 
+def model_config_from_dict(values: dict[str, Any]) -> Any:
+    """A validated ModelConfig from a mapping (a saved config's ``model`` section) on its own: the
+    run-level cross-checks against ``techniques`` (e.g. concept tokens ↔ concept_mode) do not apply."""
+    return _build_section(model_config_class(), values, "model")
+
+
 @dataclass
 class Config:
     """A whole run. ``model`` is a vlscale.model.ModelConfig."""

@@ -8,8 +8,10 @@ fails in seconds with one message instead of minutes later inside a data worker:
 * **rows vs ranks × workers × batch** — the loader gives every (rank, worker) pair an equal share
   of each stream's rows and makes *full* batches inside each worker, so a shard set of N rows
   yields ``N // (ranks × workers) // micro_batch`` batches per worker; none at all is an error that
-  names which knob fixes it (fewer workers, a smaller batch, more rows). The row counts come from
-  the shard index (record-batch metadata: nothing is decoded);
+  names which knob fixes it (fewer workers, a smaller batch, more rows). Under ``data.debiased`` a
+  step is one global batch of one source, so a source of N rows gives ``N // global_batch`` steps
+  whatever the workers. The row counts come from the shard index (record-batch metadata: nothing
+  is decoded);
 * **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
   means one chunk per step: the cache then only adds a second forward (a warning);
 * **warmup vs steps** — a warmup as long as the run never reaches ``train.lr`` (a warning);
@@ -114,9 +116,13 @@ def stream_rows(cfg: Config) -> dict[str, int]:
     return index.source_counts() if cfg.data.debiased else {"all": index.num_rows}
 
 
-def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int) -> int:
-    """Full batches one rank makes per epoch: every (rank, worker) gets ``rows // (world × workers)``
-    rows of each stream (drop_last) and batches them on its own."""
+def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False) -> int:
+    """Full batches one rank makes per epoch. Mixed sampling: every (rank, worker) gets
+    ``rows // (world × workers)`` rows of the stream (drop_last) and batches them on its own.
+    Debiased: one batch per global step, ``rows_s // (world × micro)`` steps per source, whatever
+    the workers (the global schedule of :mod:`vlscale.data.sampling`)."""
+    if debiased:
+        return sum(n // (world * micro) for n in rows.values())
     workers = max(1, workers)
     return sum(workers * ((n // (world * workers)) // micro) for n in rows.values())
 
@@ -133,8 +139,18 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
         return
     workers = max(1, cfg.data.num_workers)
     total = sum(rows.values())
-    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers)
+    debiased = cfg.data.debiased
+    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers, debiased=debiased)
     streams = world * workers
+    if per_rank == 0 and debiased:  # one global batch per step from one source: workers do not matter
+        biggest = max(rows.values(), default=0) // world
+        fixes = ([f"train.global_batch_size={biggest * world} (or less)"] if biggest >= 1 else []) + [
+            f"at least {micro * world} rows in one source"]
+        found.errors.append(
+            f"data.train_shards={cfg.data.train_shards}: under data.debiased every global batch of "
+            f"{cfg.train.global_batch_size} pairs comes from one source, and no source has that many rows "
+            f"({rows}); fix: " + ", or ".join(fixes))
+        return
     if per_rank == 0:
         fixes = []
         for nw in range(cfg.data.num_workers - 1, -1, -1):
@@ -144,25 +160,26 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
         biggest = max(rows.values()) // streams
         if biggest >= 1:
             fixes.append(f"train.global_batch_size={biggest * world} (or less)")
-        fixes.append(f"at least {micro * streams} rows{' in one source' if cfg.data.debiased else ''}")
+        fixes.append(f"at least {micro * streams} rows")
         found.errors.append(
             f"data.train_shards={cfg.data.train_shards}: {total} rows split over {_n(world, 'rank')} × "
             f"{_n(workers, 'loader worker')} = {_n(streams, 'stream')} of ~{total // streams} rows"
-            + (f" (per source under data.debiased: {rows})" if cfg.data.debiased else "")
-            + f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
+            f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
             f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: " + ", or ".join(fixes))
         return
     used = per_rank * micro * world
     if total and (total - used) / total > DROP_WARN:
+        split = ("each source's last partial global batch" if debiased else
+                 f"partial batches of {_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}")
         found.warnings.append(
-            f"data: each epoch uses {used} of {total} rows ({total - used} left in partial batches of "
-            f"{_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}); fewer data.num_workers or a smaller batch "
-            "wastes less")
-    if cfg.data.debiased:
+            f"data: each epoch uses {used} of {total} rows ({total - used} left in {split}); "
+            + ("a smaller global batch wastes less" if debiased else "fewer data.num_workers or a smaller batch "
+               "wastes less"))
+    if debiased:
         for name, n in rows.items():
-            if n // streams < micro:
-                found.warnings.append(f"data.debiased: source {name!r} has {n} rows, fewer than one batch of "
-                                      f"{micro} per stream ({streams} streams): it is never sampled")
+            if n < micro * world:
+                found.warnings.append(f"data.debiased: source {name!r} has {n} rows, fewer than one global batch "
+                                      f"of {micro * world}: it is never sampled")
     log.info("preflight: %d rows, %d batches of %d per rank per epoch (%.2f epochs in %d steps)",
              total, per_rank, micro, cfg.train.steps / per_rank, cfg.train.steps)
 

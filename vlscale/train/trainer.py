@@ -106,7 +106,7 @@ class Trainer:
         self.text_stats = TokenStats(tok) if tok is not None else None
         self._text_warned = False
         self.step = 0
-        self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
+        self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0, "trimmed_samples": 0}
         self.losses: dict[int, float] = {}
         if resume_from is not None:
             self._resume(resume_from)
@@ -235,9 +235,37 @@ class Trainer:
                 if batch is None:
                     break
                 empty = False
-                yield batch
+                batch = self._even(batch)
+                if batch is not None:
+                    yield batch
             if empty and fresh:
                 raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
+
+    def _even(self, batch: Any) -> Any:
+        """This rank's share of the step's batch, cut so that every rank holds the same rows.
+
+        A rank's batch can come out short: debiased sampling refills skipped (corrupt) samples from
+        spare rows only while they last, and a world-size change re-splits short old batches. Every
+        rank then keeps the smallest rank's row count (a W-int all-gather per step; the trimmed
+        rows are counted in ``train/trimmed_samples``), and a step where some rank has none is
+        skipped by all. Equal rows are what the rest of the step assumes: ZeRO-3 / FSDP2 gather
+        parameters for every chunk's forward, so all ranks must run the same number of chunks, and
+        the mixup partners are global rows ``rank × rows + i``."""
+        if self.rt.world_size == 1:
+            return batch if len(batch) else None
+        mine = torch.tensor([len(batch)], dtype=torch.long, device=self.rt.device)
+        sizes = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
+        torch.distributed.all_gather(sizes, mine, group=self.rt.process_group)
+        sizes = [int(n) for n in sizes]
+        keep = min(sizes)
+        if keep == max(sizes):
+            return batch if keep else None
+        trimmed = sum(sizes) - keep * len(sizes)
+        self.counters["trimmed_samples"] += trimmed
+        if self.rt.is_main:
+            log.warning("step %d: the ranks' batches have %s rows (skipped samples); every rank keeps %d, %d "
+                        "samples trimmed%s", self.step + 1, sizes, keep, trimmed, " and the step skipped" if not keep else "")
+        return batch.rows(0, keep) if keep else None
 
     def fit(self) -> dict[str, Any]:
         """Train until ``train.steps``; returns {"step", "losses", "counters", "eval"}."""
@@ -277,9 +305,10 @@ class Trainer:
             self.counters["overflow_skips"] += 1
         elapsed = time.perf_counter() - start
         self.step += 1
-        self.counters["samples"] += self.global_batch
+        rows = len(batch) * self.rt.world_size  # every rank holds the same rows (_even)
+        self.counters["samples"] += rows
         self.losses[self.step] = loss
-        out = {"loss": loss, "lr": lr, "step_time_s": elapsed, "samples_per_s": self.global_batch / elapsed,
+        out = {"loss": loss, "lr": lr, "step_time_s": elapsed, "samples_per_s": rows / elapsed,
                **{k: float(v) for k, v in res.metrics.items()}}
         if self.engine.loss_scale is not None:
             out["loss_scale"] = float(self.engine.loss_scale)
