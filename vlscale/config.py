@@ -156,7 +156,8 @@ class TrainConfig:
     log_every: int = 10
     """Write metrics every N steps."""
     eval_every: int = 0
-    """Zero-shot retrieval on data.eval_shards every N steps (0 = only at the end)."""
+    """Zero-shot retrieval on data.eval_shards every N steps and at the last step (0 = none during
+    training: run ``vlscale eval`` on a checkpoint)."""
     ckpt_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2

@@ -15,6 +15,9 @@ fails in seconds with one message instead of minutes later inside a data worker:
 * **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
   means one chunk per step: the cache then only adds a second forward (a warning);
 * **warmup vs steps** — a warmup as long as the run never reaches ``train.lr`` (a warning);
+* **visual concepts** — ViCHA concepts (``techniques.concept_mode`` / ``concept_prob``) need a
+  ``concepts`` column in the training shards, and in the evaluation shards of a concept-token model
+  (else the first evaluation, hours in, would stop the run);
 * **text** — a sample of the training captions is tokenized: a high rate of unknown tokens,
   words split into single characters or captions cut at ``model.context_length`` means the
   tokenizer is mangling real text (a warning naming the rates; see
@@ -106,14 +109,48 @@ def _check_schedule(cfg: Config, found: Findings) -> None:
             f"train.warmup_steps={max(1, t.steps // 10)} (about a tenth of the run) or more train.steps")
 
 
-def stream_rows(cfg: Config) -> dict[str, int]:
-    """Rows of each sampling stream (each source under debiased sampling, else all) from the shard index."""
+def shard_index(shards: Any) -> Any:
+    """The :class:`~vlscale.data.stream.ShardIndex` of a shard location (metadata only), unreadable
+    shards logged and skipped as the loader will."""
     from vlscale.data.stream import ShardIndex
 
-    index = ShardIndex(cfg.data.train_shards, on_error="skip")
+    index = ShardIndex(shards, on_error="skip")
     for path, why in index.skipped.items():
         log.warning("preflight: shard %s is unreadable and will be skipped: %s", path, why)
-    return index.source_counts() if cfg.data.debiased else {"all": index.num_rows}
+    return index
+
+
+def stream_rows(index: Any, *, debiased: bool) -> dict[str, int]:
+    """Rows of each sampling stream (each source under debiased sampling, else all) of a shard index."""
+    return index.source_counts() if debiased else {"all": index.num_rows}
+
+
+def _check_concepts(cfg: Config, index: Any, found: Findings) -> None:
+    """ViCHA concepts need a ``concepts`` column: in the training shards when any are sampled, and in
+    the evaluation shards of a model that takes them as image tokens (it evaluates with them)."""
+    t = cfg.techniques
+    mine = "fix: mine them with `vlscale concepts SHARDS --checkpoint RUN --out DIR` and point {field} at DIR"
+    if (t.concept_mode == "image_tokens" or t.concept_prob > 0) and not any(index.has_concepts):
+        found.errors.append(
+            f"techniques.concept_mode={t.concept_mode!r} (concept_prob={t.concept_prob}) uses each image's visual "
+            f"concepts, but data.train_shards={cfg.data.train_shards} has no 'concepts' column; "
+            + mine.format(field="data.train_shards")
+            + (", or techniques.concept_prob=0" if t.concept_mode == "caption" else ""))
+    elif t.concept_mode == "image_tokens" and not all(index.has_concepts):
+        found.warnings.append(f"data.train_shards: {index.has_concepts.count(False)} of {len(index.has_concepts)} "
+                              "shards have no 'concepts' column: their images get no concept tokens")
+    if t.concept_mode == "image_tokens" and cfg.data.eval_shards and cfg.train.eval_every:
+        try:
+            has = shard_index(cfg.data.eval_shards).has_concepts
+        except ValueError as exc:
+            found.errors.append(f"data.eval_shards={cfg.data.eval_shards}: {exc}")
+            return
+        if not all(has):
+            found.errors.append(
+                f"data.eval_shards={cfg.data.eval_shards}: the model takes visual concepts as image tokens "
+                f"(model.concept_tokens={cfg.model.concept_tokens}) and is evaluated with them, but "
+                f"{has.count(False)} of {len(has)} shards have no 'concepts' column; "
+                + mine.format(field="data.eval_shards") + ", or data.eval_shards='' (no evaluation during training)")
 
 
 def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False) -> int:
@@ -133,10 +170,12 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
                             "(`vlscale shards build` writes them)")
         return
     try:
-        rows = stream_rows(cfg)
+        index = shard_index(cfg.data.train_shards)
     except ValueError as exc:
         found.errors.append(f"data.train_shards={cfg.data.train_shards}: {exc}")
         return
+    _check_concepts(cfg, index, found)
+    rows = stream_rows(index, debiased=cfg.data.debiased)
     workers = max(1, cfg.data.num_workers)
     total = sum(rows.values())
     debiased = cfg.data.debiased
@@ -187,13 +226,21 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
 def _check_text(cfg: Config, found: Findings) -> None:
     from vlscale.model.tokenizer import audit_texts, build_tokenizer, text_warning
 
-    captions = sample_captions(cfg.data.train_shards, CAPTION_SAMPLE)
-    if not captions:
-        return
     try:
         tokenizer = build_tokenizer(cfg.model)
     except ValueError:
         return  # no tokenizer of its own: the model build reports it
+    if cfg.data.text_mask_prob > 0:  # the loader would refuse it only once the model is built
+        from vlscale.data.collate import CaptionMasker
+
+        try:
+            CaptionMasker.from_tokenizer(tokenizer, cfg.data.text_mask_prob, cfg.data.text_mask_split)
+        except ValueError as exc:
+            found.errors.append(f"data.text_mask_prob={cfg.data.text_mask_prob} with model.tokenizer="
+                                f"{cfg.model.tokenizer or cfg.model.text_model}: {exc}")
+    captions = sample_captions(cfg.data.train_shards, CAPTION_SAMPLE)
+    if not captions:
+        return
     stats = audit_texts(tokenizer, captions, max_length=cfg.model.context_length)
     warning = text_warning(stats, context_length=cfg.model.context_length,
                            word_list=bool(cfg.model.tokenizer_words))

@@ -14,7 +14,8 @@ Build order (each step needs the previous one):
    another world size through :mod:`vlscale.train.reshard`); or ``train.init_from``: only the
    weights of a checkpoint / export, loaded before the engine wraps the model (step 0).
 
-One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks: the
+One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks (fewer when
+skipped samples leave a rank short: every rank then keeps the same rows, ``Trainer._even``): the
 gradient cache embeds it chunk by chunk, the loss runs once over the gathered embeddings, the
 chunks are re-forwarded to back-propagate, and the engine applies one optimizer step.
 """
@@ -45,7 +46,7 @@ from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
 from vlscale.train.preflight import preflight
-from vlscale.train.runtime import Runtime, init_runtime, setup_logging, shutdown
+from vlscale.train.runtime import Runtime, init_runtime, rows_per_rank, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -251,12 +252,7 @@ class Trainer:
         skipped by all. Equal rows are what the rest of the step assumes: ZeRO-3 / FSDP2 gather
         parameters for every chunk's forward, so all ranks must run the same number of chunks, and
         the mixup partners are global rows ``rank × rows + i``."""
-        if self.rt.world_size == 1:
-            return batch if len(batch) else None
-        mine = torch.tensor([len(batch)], dtype=torch.long, device=self.rt.device)
-        sizes = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
-        torch.distributed.all_gather(sizes, mine, group=self.rt.process_group)
-        sizes = [int(n) for n in sizes]
+        sizes = rows_per_rank(len(batch), self.rt)
         keep = min(sizes)
         if keep == max(sizes):
             return batch if keep else None
@@ -277,10 +273,12 @@ class Trainer:
                 self.logger.advance({"loss": metrics["loss"], "lr": metrics["lr"]})
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.logger.log(self.step, {**metrics, **self._slow_metrics()})
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    last_eval = self.evaluate()
+                # Checkpoint first: an evaluation that fails (its data, its memory) must not cost
+                # the steps since the last checkpoint, nor the final one.
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                     self.save()
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    last_eval = self.evaluate()
             self._memory_report()
         finally:
             self.logger.close()
