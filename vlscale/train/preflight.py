@@ -125,32 +125,26 @@ def stream_rows(index: Any, *, debiased: bool) -> dict[str, int]:
     return index.source_counts() if debiased else {"all": index.num_rows}
 
 
-def _check_concepts(cfg: Config, index: Any, found: Findings) -> None:
-    """ViCHA concepts need a ``concepts`` column: in the training shards when any are sampled, and in
-    the evaluation shards of a model that takes them as image tokens (it evaluates with them)."""
+def _check_concepts(cfg: Config, found: Findings) -> None:
+    """ViCHA concepts must be in the data: in the training shards when any are sampled, and in the
+    evaluation shards of a model that takes them as image tokens (it evaluates with them). vlscale's
+    shards always have the column, so the first record batches are read for a non-empty list."""
     t = cfg.techniques
     mine = "fix: mine them with `vlscale concepts SHARDS --checkpoint RUN --out DIR` and point {field} at DIR"
-    if (t.concept_mode == "image_tokens" or t.concept_prob > 0) and not any(index.has_concepts):
+    if (t.concept_mode == "image_tokens" or t.concept_prob > 0) and not sample_column(
+            cfg.data.train_shards, "concepts", 1):
         found.errors.append(
             f"techniques.concept_mode={t.concept_mode!r} (concept_prob={t.concept_prob}) uses each image's visual "
-            f"concepts, but data.train_shards={cfg.data.train_shards} has no 'concepts' column; "
+            f"concepts, but the first rows of data.train_shards={cfg.data.train_shards} have none; "
             + mine.format(field="data.train_shards")
             + (", or techniques.concept_prob=0" if t.concept_mode == "caption" else ""))
-    elif t.concept_mode == "image_tokens" and not all(index.has_concepts):
-        found.warnings.append(f"data.train_shards: {index.has_concepts.count(False)} of {len(index.has_concepts)} "
-                              "shards have no 'concepts' column: their images get no concept tokens")
-    if t.concept_mode == "image_tokens" and cfg.data.eval_shards and cfg.train.eval_every:
-        try:
-            has = shard_index(cfg.data.eval_shards).has_concepts
-        except ValueError as exc:
-            found.errors.append(f"data.eval_shards={cfg.data.eval_shards}: {exc}")
-            return
-        if not all(has):
-            found.errors.append(
-                f"data.eval_shards={cfg.data.eval_shards}: the model takes visual concepts as image tokens "
-                f"(model.concept_tokens={cfg.model.concept_tokens}) and is evaluated with them, but "
-                f"{has.count(False)} of {len(has)} shards have no 'concepts' column; "
-                + mine.format(field="data.eval_shards") + ", or data.eval_shards='' (no evaluation during training)")
+    if t.concept_mode == "image_tokens" and cfg.data.eval_shards and cfg.train.eval_every and not sample_column(
+            cfg.data.eval_shards, "concepts", 1):
+        found.errors.append(
+            f"data.eval_shards={cfg.data.eval_shards}: the model takes visual concepts as image tokens "
+            f"(model.concept_tokens={cfg.model.concept_tokens}) and is evaluated with them, but the first rows "
+            "have none; " + mine.format(field="data.eval_shards") + ", or data.eval_shards='' (no evaluation "
+            "during training)")
 
 
 def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False) -> int:
@@ -174,7 +168,7 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
     except ValueError as exc:
         found.errors.append(f"data.train_shards={cfg.data.train_shards}: {exc}")
         return
-    _check_concepts(cfg, index, found)
+    _check_concepts(cfg, found)
     rows = stream_rows(index, debiased=cfg.data.debiased)
     workers = max(1, cfg.data.num_workers)
     total = sum(rows.values())
@@ -250,9 +244,15 @@ def _check_text(cfg: Config, found: Findings) -> None:
 
 def sample_captions(shards: Any, limit: int) -> list[str]:
     """Up to ``limit`` captions from the first record batches of the shards (no image is decoded)."""
+    return sample_column(shards, "caption", limit)
+
+
+def sample_column(shards: Any, column: str, limit: int, *, max_batches: int = 16) -> list[Any]:
+    """Up to ``limit`` non-empty values of ``column`` from the first ``max_batches`` record batches
+    of the shards (no image is decoded; unreadable shards and a missing column give nothing)."""
     from vlscale.data.stream import list_shards, open_shard
 
-    out: list[str] = []
+    out: list[Any] = []
     try:
         paths = list_shards(shards)
     except ValueError:
@@ -261,8 +261,9 @@ def sample_captions(shards: Any, limit: int) -> list[str]:
         try:
             reader = open_shard(path)
             for i in range(reader.num_record_batches):
-                out += [c for c in reader.get_batch(i).column("caption").to_pylist() if c]
-                if len(out) >= limit:
+                out += [c for c in reader.get_batch(i).column(column).to_pylist() if c]
+                max_batches -= 1
+                if len(out) >= limit or max_batches <= 0:
                     return out[:limit]
         except (ValueError, KeyError, OSError):
             continue
