@@ -18,8 +18,11 @@
 saved position means something only in that split. So the rest of the interrupted epoch is read
 with the split it started with — each old rank's stream from its saved position — and the old
 ranks' batches are concatenated in rank order into the same *global* batches the old run would
-have made, then cut into the new ranks' shares (:class:`ResplitLoader`). From the next epoch on,
-the new split takes over. Every row is seen exactly once per epoch and the global batches are
+have made, then cut into the new ranks' shares (:class:`ResplitLoader`) — by each old rank's
+nominal rows, so an old batch left short by skipped samples shortens only the new rank covering
+its missing rows (the trainer evens the step out) and no row is read twice. Under debiased
+sampling every step of the re-split stays one source (the old ranks' step k is the old global
+step k). From the next epoch on, the new split takes over. Every row is seen exactly once per epoch and the global batches are
 exactly the uninterrupted run's; only dropout and the other per-rank random draws differ (they
 are seeded per rank, and there are other ranks now), so losses match to rounding, not bit for bit.
 """
