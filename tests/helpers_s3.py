@@ -21,7 +21,6 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-
 # Dummy credentials (moto takes any), distinctive so a test can grep saved files for them.
 ACCESS_KEY, SECRET_KEY = "AKIAVLSCALEDUMMYKEY7", "vlscale-dummy-secret-Qx81"
 

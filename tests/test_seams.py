@@ -16,14 +16,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers_process import one_process
 from helpers_seams import (
     corrupt_debiased_shards,
     record_steps,
@@ -35,8 +33,6 @@ from helpers_seams import (
 from vlscale.config import RECIPE_DIR, load_recipe
 from vlscale.data import build_loader
 from vlscale.train.reshard import ResplitLoader
-
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -115,32 +111,18 @@ def test_short_debiased_step_with_mixup_and_momentum_two_ranks_then_one(corrupt:
         assert got["keys"] == two or (t == 6 and len(got["keys"]) == 9 and set(two) < set(got["keys"])), t + 1
 
 
-def _run_engine_worker(shards: Path, tmp: Path) -> dict:
-    from conftest import free_port
-
-    out = tmp / "engines.json"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{HERE}{os.pathsep}" + os.environ.get("PYTHONPATH", "")}
-    code = "import sys, helpers_seams as h; h.engine_worker(*sys.argv[1:4])"
-    proc = subprocess.run([sys.executable, "-c", code, str(shards), str(tmp), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert out.exists(), f"worker died (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    res = json.loads(out.read_text())
-    assert "error" not in res, res["error"]
-    return res
-
-
 @pytest.mark.dist
 @pytest.mark.slow
-def test_vicha_under_accelerate_zero3_bf16_from_init_from_then_export(demo: dict[str, Path], tmp_path: Path) -> None:
+def test_vicha_under_accelerate_zero3_bf16_from_init_from_then_export(demo: dict[str, Path], tmp_path: Path,
+                                                                      port: int) -> None:
     pytest.importorskip("deepspeed")
     from vlscale.data import Batch
     from vlscale.export import export, load
     from vlscale.model import DualEncoder
     from vlscale.train.checkpoint import load_model_weights, load_weights_into
 
-    res = _run_engine_worker(demo["train"], tmp_path)
+    res = one_process("helpers_seams", "engine_worker", [str(demo["train"]), str(tmp_path)], tmp_path / "engines.json",
+                      port)
     assert res["z2"]["engine"] == [2, True] and res["z3"]["engine"] == [3, True]
     for stage in ("z2", "z3"):
         assert res[stage]["ema_is_init"], f"{stage}: the momentum EMA did not start at train.init_from's weights"
