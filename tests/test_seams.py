@@ -228,7 +228,11 @@ def test_every_recipe_plans_passes_preflight_and_the_cli_lists_every_command(
         assert "usage:" in capsys.readouterr().out, command
 
 
-def test_preflight_debiased_rows_and_vicha_concepts(corrupt: Path, demo: dict[str, Path]) -> None:
+def test_preflight_debiased_rows_vicha_concepts_and_caption_masking(corrupt: Path, demo: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from vlscale.model.tokenizer import word_tokenizer
     from vlscale.train.preflight import PreflightError, preflight
 
     # Debiased: a step is one global batch of one source, whatever the workers: with 6 workers per
@@ -244,3 +248,10 @@ def test_preflight_debiased_rows_and_vicha_concepts(corrupt: Path, demo: dict[st
     with pytest.raises(PreflightError, match=r"data.eval_shards=.* is evaluated with them"):
         preflight(load_recipe("vicha", [*vicha, "train.eval_every=5"]), 1)
     preflight(load_recipe("vicha", [*vicha, "train.eval_every=0"]), 1)  # never evaluated during training
+    # ZeroVL caption masking with a tokenizer that has no mask token: refused before the model is built.
+    words = word_tokenizer(["a", "photo", "of"], context_length=16)
+    PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                            cls_token="[CLS]", sep_token="[SEP]").save_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(PreflightError, match=r"data.text_mask_prob=0.2 .* needs a tokenizer with a mask token"):
+        preflight(load_recipe("zerovl", [f"data.train_shards={corrupt}", "train.global_batch_size=12",
+                                         "model.tokenizer_words=[]", f"model.tokenizer={tmp_path / 'tok'}"]), 2)
