@@ -21,6 +21,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+# Dummy credentials (moto takes any), distinctive so a test can grep saved files for them.
+ACCESS_KEY, SECRET_KEY = "AKIAVLSCALEDUMMYKEY7", "vlscale-dummy-secret-Qx81"
+
 
 class FaultProxy(ThreadingHTTPServer):
     """Forward HTTP to ``upstream``; fail ``fault_rate`` of the requests (seeded, so reproducible)."""
@@ -158,7 +161,7 @@ class S3Server:
         return f"http://{host}:{port}"
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
                 "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 

@@ -12,17 +12,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from helpers_process import one_process
 
 pytest.importorskip("deepspeed")
-
-HERE = Path(__file__).resolve().parent
 
 
 def _check_ema(r: dict, name: str) -> None:
@@ -59,16 +55,8 @@ def test_momentum_deepspeed_one_process_and_exact_resume(port: int, tmp_path: Pa
     from vlscale.demo_data import build_demo_dataset
 
     shards = build_demo_dataset(tmp_path / "data", n_train=40, n_eval=2, size=32)["train"]
-    out = tmp_path / "one.json"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}"
-           + os.environ.get("PYTHONPATH", "")}
-    code = "import sys, helpers_techniques_dist as h; h.one_process_worker(*sys.argv[1:4])"
-    proc = subprocess.run([sys.executable, "-c", code, str(shards), str(tmp_path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert out.exists(), f"worker died (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    res = json.loads(out.read_text())
-    assert "error" not in res, res["error"]
+    res = one_process("helpers_techniques_dist", "one_process_worker", [str(shards), str(tmp_path)],
+                      tmp_path / "one.json", port)
     _check_ema(res["zero-2"], "zero-2")
     for name in ("resume-local", "resume-deepspeed"):
         r = res[name]

@@ -156,7 +156,8 @@ class TrainConfig:
     log_every: int = 10
     """Write metrics every N steps."""
     eval_every: int = 0
-    """Zero-shot retrieval on data.eval_shards every N steps (0 = only at the end)."""
+    """Zero-shot retrieval on data.eval_shards every N steps and at the last step (0 = none during
+    training: run ``vlscale eval`` on a checkpoint)."""
     ckpt_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -348,6 +349,12 @@ def model_config_class() -> type:
     from vlscale.model.config import ModelConfig
 
     return ModelConfig
+
+
+def model_config_from_dict(values: dict[str, Any]) -> Any:
+    """A validated ModelConfig from a mapping (a saved config's ``model`` section) on its own: the
+    run-level cross-checks against ``techniques`` (e.g. concept tokens ↔ concept_mode) do not apply."""
+    return _build_section(model_config_class(), values, "model")
 
 
 @dataclass

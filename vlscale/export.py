@@ -24,7 +24,10 @@ described (the open_clip state dict is still written; the config is not); MLP pr
 shapes there; ``hf_model_name`` must be a path, so it is written absolute — move the folder and
 edit it. open_clip's preprocessing resizes the short side to the crop size (no ``crop_pct``), so
 its transform crops a little differently from vlscale's eval transform; the weights are the same.
-Hierarchical-alignment heads are training-only and not exported.
+Hierarchical-alignment heads, the masked-image-modeling decoder and ViCHA's concept path have no
+open_clip counterpart: they are in ``model.safetensors`` only, and a concept-token model gets no
+open_clip config (its image embeddings need the concepts: ``vlscale.load(...).encode_image(images,
+concepts)``).
 
 ``vlscale.load(path)`` reads such a folder — or a checkpoint folder / run dir directly — into a
 :class:`PretrainedDualEncoder`: ``encode_image`` / ``encode_text`` (L2-normalised embeddings from
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -42,6 +46,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 EXPORT_TYPE = "vlscale_dual_encoder"
 _POOLERS = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}
 
@@ -80,6 +85,9 @@ def open_clip_blockers(model: Any) -> list[str]:
     extra = {k: v for k, v in cfg.vision_kwargs.items() if k != "drop_path_rate"}
     if extra:
         why.append(f"model.vision_kwargs={extra}: open_clip's TimmModel passes no timm keyword arguments")
+    if cfg.concept_tokens:
+        why.append(f"model.concept_tokens={cfg.concept_tokens}: the image tower also reads the images' concept "
+                   "tokens (ViCHA), which open_clip's towers cannot take")
     default = timm.create_model(cfg.vision_model, pretrained=False, num_classes=0).default_cfg.get("input_size")
     size = tuple(model.data_config()["input_size"])
     if cfg.image_size is not None and default is not None and tuple(default) != size:
@@ -177,6 +185,7 @@ class PretrainedDualEncoder(torch.nn.Module):
         self.tokenizer = model.tokenizer
         self.context_length = model.cfg.context_length
         self._transform = build_transform(train=False, data_config=model.data_config(), draft=False)
+        self._warned_concepts = False
 
     def transform(self, image: Any) -> torch.Tensor:
         """A PIL image → the normalised (3, H, W) float tensor the vision tower takes (eval crop)."""
@@ -198,12 +207,36 @@ class PretrainedDualEncoder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def takes_concepts(self) -> bool:
+        """The model was trained with visual concepts as image tokens (ViCHA, ``model.concept_tokens``)."""
+        return self.model.concept_proj is not None
+
     @torch.no_grad()
-    def encode_image(self, images: Any) -> torch.Tensor:
-        """(B, E) L2-normalised embeddings of a (B, 3, H, W) tensor, a PIL image or a list of them."""
+    def encode_image(self, images: Any, concepts: list[list[str]] | None = None) -> torch.Tensor:
+        """(B, E) L2-normalised embeddings of a (B, 3, H, W) tensor, a PIL image or a list of them.
+
+        ``concepts``: each image's visual concepts (``vlscale concepts`` mines them), for a model that
+        takes them (:attr:`takes_concepts`); all of them are fed, as at evaluation. Without them such
+        a model sees an empty concept list per image (as in training when none was sampled), with a
+        warning, since its embeddings are then not the ones its evaluation measured."""
         if not torch.is_tensor(images):
             images = torch.stack([self.transform(im) for im in (images if isinstance(images, list) else [images])])
-        return self.model.encode_image(images.to(self.device, torch.float32))["image"]
+        extra: dict[str, torch.Tensor] = {}
+        if self.takes_concepts:
+            if concepts is None:
+                if not self._warned_concepts:
+                    log.warning("encode_image: %s takes visual concepts as image tokens; none given, so every "
+                                "image gets an empty list (pass concepts=[[...], ...])", self.source)
+                    self._warned_concepts = True
+                concepts = [[] for _ in range(images.shape[0])]
+            if len(concepts) != images.shape[0]:
+                raise ValueError(f"{len(concepts)} concept lists for {images.shape[0]} images")
+            extra = {k: v.to(self.device) for k, v in self.model.concept_inputs(concepts).items()}
+        elif concepts is not None:
+            raise ValueError(f"{self.source} was trained without visual concepts (model.concept_tokens = 0); "
+                             "drop concepts=")
+        return self.model.encode_image(images.to(self.device, torch.float32), **extra)["image"]
 
     @torch.no_grad()
     def encode_text(self, texts: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,13 +255,14 @@ class PretrainedDualEncoder(torch.nn.Module):
         """The learned multiplier s of the similarities (exp of the clamped log-scale)."""
         return float(self.model.scale().detach())
 
-    def forward(self, images: Any, texts: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.encode_image(images), self.encode_text(texts), self.logit_scale
+    def forward(self, images: Any, texts: Any, concepts: list[list[str]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.encode_image(images, concepts), self.encode_text(texts), self.logit_scale
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainedDualEncoder:
     """A dual encoder from a ``vlscale export`` folder, a checkpoint folder or a run dir (its latest)."""
-    from vlscale.config import config_from_dict, load_config
+    from vlscale.config import load_config, model_config_from_dict
     from vlscale.model import DualEncoder
     from vlscale.train.checkpoint import load_model_weights, load_weights_into
 
@@ -239,11 +273,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainedD
         # The folder is self-contained: its text config and tokenizer, no package data or network.
         mcfg.update(text_model=str(path / "text"), text_config={}, text_pretrained=False, tokenizer=str(path),
                     tokenizer_words=[], vision_weights=None)
-        cfg, source = config_from_dict({"model": mcfg}), path
+        # The model alone: a whole Config would cross-check it against default techniques (and
+        # refuse, e.g., a ViCHA model's concept tokens under the default concept_mode).
+        model_cfg, source = model_config_from_dict(mcfg), path
     else:
         source = resolve_source(path)
-        cfg = load_config(source / "config.json")
-    model = DualEncoder(cfg.model)
+        model_cfg = load_config(source / "config.json").model
+    model = DualEncoder(model_cfg)
     load_weights_into(model, load_model_weights(source), source=str(source))
     return PretrainedDualEncoder(model.to(device), source)
 

@@ -48,6 +48,26 @@ class Batch:
         return replace(self, pixels=move(self.pixels), tokens=move(self.tokens),
                        attention_mask=move(self.attention_mask))
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows ``[start, stop)`` (clipped to the batch, so possibly fewer), every per-sample field
+        cut alike; the loader's bookkeeping (``worker``, ``state``, ``stats``) is kept."""
+        return replace(self, **{name: None if (v := getattr(self, name)) is None else v[start:stop]
+                                for name in SAMPLE_FIELDS})
+
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        """The batches' rows in order, as one batch (bookkeeping from the first)."""
+        if len(batches) == 1:
+            return batches[0]
+        out = {}
+        for name in SAMPLE_FIELDS:
+            values = [getattr(b, name) for b in batches]
+            if any(v is None for v in values):
+                out[name] = None
+            else:
+                out[name] = torch.cat(values) if torch.is_tensor(values[0]) else [x for v in values for x in v]
+        return replace(batches[0], **out)
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The tensors the DualEncoder / GradCache take (``pixels``, ``tokens``, ``attention_mask``)."""
         out = {"pixels": self.pixels}
@@ -55,6 +75,10 @@ class Batch:
             out["tokens"] = self.tokens
             out["attention_mask"] = self.attention_mask
         return out
+
+
+# The per-sample fields of a Batch (cut and concatenated row-wise); the rest is loader bookkeeping.
+SAMPLE_FIELDS = ("pixels", "tokens", "attention_mask", "source", "keys", "captions", "concepts")
 
 
 @dataclass

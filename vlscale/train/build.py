@@ -97,12 +97,29 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
         log.warning("ZeRO-3 build: the text tower was not partitioned at creation; partitioning it now")
     # Everything not yet partitioned (vision tower, heads, logit_scale) is partitioned here, before
     # the optimizer or engine exist; rank 0's values are broadcast (every rank used the same seed).
+    # zero.Init(module=...) keeps their dtype, while the text tower was created in the run's fp16 /
+    # bf16 and DeepSpeed's ZeRO-3 optimizer needs one dtype (it casts only models it did not see
+    # partitioned): cast them first, as DeepSpeed casts a whole model before building fp32 masters.
+    half = _half_dtype(ds_config)
+    if half is not None:
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(half)
     deepspeed.zero.Init(module=model, config_dict_or_path=_init_config(ds_config))
     total = sum(int(p.ds_numel) for p in model.parameters())
     local = sum(int(p.ds_tensor.numel()) for p in model.parameters())
     log.info("ZeRO-3 build: %.2fM parameters, %.2fM held by this rank (text tower partitioned at creation: %s)",
              total / 1e6, local / 1e6, text_done)
     return model
+
+
+def _half_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The working dtype a DeepSpeed config trains in (None = fp32)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return None
 
 
 def _init_config(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ ranks' pairs, plus, when enabled (see :mod:`vlscale.techniques`):
 - ZeroVL coin-flip mixup: pixels mixed in ``prepare``, text embeddings mixed here; every term's
   targets follow what was mixed in its own inputs (:mod:`vlscale.techniques.mixup`);
 - ViCHA visual concepts: sampled concepts appended to the captions, or tokenised as image-side
-  tokens (``techniques.concept_mode``), in ``prepare``;
+  tokens (``techniques.concept_mode``), in ``prepare``; appended ones are re-tokenised with the
+  caption, so ZeroVL caption masking (``data.text_mask_prob``) is applied again to that text;
 - ViCHA hierarchical alignment: each level's weight × the loss on that intermediate level;
 - WenLan momentum contrast: ``techniques.momentum_weight`` × ½(image→text + text→image) against the
   fp32 EMA towers' keys and queues (EMA update from the engine's master weights and chunked key
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vlscale.config import Config
+from vlscale.data.collate import CaptionMasker, sample_seeds
 from vlscale.loss import contrastive_loss
 from vlscale.techniques import (
     CoinFlipMixup,
@@ -40,6 +42,7 @@ from vlscale.techniques import (
 )
 
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CAPTION_MASK_SALT = 0xC0C3  # keeps these masks apart from the loader's (same seed, other positions)
 
 
 class Objective:
@@ -47,7 +50,10 @@ class Objective:
 
     ``engine``: the run's :class:`~vlscale.engines.EngineAdapter` (momentum reads its
     ``master_params()``); without one, ``module`` is a plain model whose own weights are the masters.
-    ``chunk_sizes``: the gradient cache's per-tower chunk sizes (the momentum keys use the same)."""
+    ``chunk_sizes``: the gradient cache's per-tower chunk sizes (the momentum keys use the same).
+    ``micro_batch``: the nominal per-rank rows. Every rank must hold the same rows at a step (the
+    trainer trims short steps so), which may be fewer than ``micro_batch``: the mixup targets use
+    the step's own rows."""
 
     def __init__(self, cfg: Config, *, process_group: Any, engine: Any = None, module: nn.Module | None = None,
                  tokenizer: Any = None, rank: int = 0, micro_batch: int = 0,
@@ -59,15 +65,21 @@ class Objective:
             raise ValueError("Objective needs an engine or a module")
         self.impl, self.process_group, self.rank = cfg.loss.impl, process_group, rank
         self.tokenizer, self.max_length = tokenizer, cfg.model.context_length
-        self.offset = rank * micro_batch  # this rank's first row in the global batch
+        self.micro_batch = micro_batch
         self.chunk_sizes = dict(chunk_sizes or {})
         self.contrastive_weight = tech.contrastive_weight
         self.hier_weight = tech.hier_weight if tech.hier_on else 0.0
         self.mixup = CoinFlipMixup(alpha=tech.mixup_alpha, seed=seed) if tech.mixup else None
         self.concept_mode = tech.concept_mode
         self.concepts = None
+        self.caption_masker = None
         if tech.concept_prob > 0 or tech.concept_mode == "image_tokens":
             self.concepts = ConceptSampler(p=tech.concept_prob, max_concepts=tech.max_concepts, seed=seed)
+            if tech.concept_mode == "caption" and cfg.data.text_mask_prob > 0:
+                # Captions re-tokenised with their concepts lose the loader's caption masking: redo it.
+                self.caption_masker = CaptionMasker.from_tokenizer(tokenizer, cfg.data.text_mask_prob,
+                                                                   cfg.data.text_mask_split)
+        self.seed = seed
         self.momentum, self.momentum_weight = None, tech.momentum_weight
         if tech.momentum_queue:
             self.momentum = self._build_momentum(cfg)
@@ -108,6 +120,12 @@ class Objective:
         if self.concepts is not None and self.concept_mode == "caption" and batch.concepts is not None:
             tokens, mask = self.concepts.tokenize(self.tokenizer, batch.captions, batch.concepts,
                                                   max_length=self.max_length, keys=batch.keys, step=step)
+            if self.caption_masker is not None:
+                # ZeroVL caption masking (data.text_mask_prob), which the loader applied to the caption
+                # alone, applied to the text the tower now reads (caption + concepts); seeded per
+                # (seed, step, sample) so a resumed run replays it.
+                seeds = sample_seeds(self.seed, step, (_CAPTION_MASK_SALT,), batch.source, batch.keys)
+                tokens, mask = self.caption_masker(tokens, mask, seeds)
             inputs["tokens"], inputs["attention_mask"] = tokens.to(inputs["tokens"].device), mask.to(inputs["tokens"].device)
         if self.concept_mode == "image_tokens":
             if batch.concepts is None:
@@ -116,7 +134,11 @@ class Objective:
             picked = self.concepts.sample_lists(batch.concepts, batch.keys, step)
             inputs.update({k: v.to(device) for k, v in self.module.concept_inputs(picked).items()})
         if self.mixup is not None:
-            self.plan = self.mixup.plan(step, inputs["pixels"].shape[0], offset=self.offset)
+            rows = inputs["pixels"].shape[0]
+            # Global partner indices: every rank holds the same rows this step (the trainer cuts the
+            # ranks' batches to one length), so this rank's first row is rank × rows — not
+            # rank × micro_batch, which a short step would shift onto the wrong samples.
+            self.plan = self.mixup.plan(step, rows, offset=self.rank * rows)
             inputs["pixels"] = self.plan.mix_pixels(inputs["pixels"])
             if self.plan.mixes_image and self.plan.lam < 0.5 and "concept_tokens" in inputs:
                 # A mixed image keeps the concepts of its dominant source image.

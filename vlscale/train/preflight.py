@@ -8,11 +8,16 @@ fails in seconds with one message instead of minutes later inside a data worker:
 * **rows vs ranks × workers × batch** — the loader gives every (rank, worker) pair an equal share
   of each stream's rows and makes *full* batches inside each worker, so a shard set of N rows
   yields ``N // (ranks × workers) // micro_batch`` batches per worker; none at all is an error that
-  names which knob fixes it (fewer workers, a smaller batch, more rows). The row counts come from
-  the shard index (record-batch metadata: nothing is decoded);
+  names which knob fixes it (fewer workers, a smaller batch, more rows). Under ``data.debiased`` a
+  step is one global batch of one source, so a source of N rows gives ``N // global_batch`` steps
+  whatever the workers. The row counts come from the shard index (record-batch metadata: nothing
+  is decoded);
 * **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
   means one chunk per step: the cache then only adds a second forward (a warning);
 * **warmup vs steps** — a warmup as long as the run never reaches ``train.lr`` (a warning);
+* **visual concepts** — ViCHA concepts (``techniques.concept_mode`` / ``concept_prob``) need a
+  ``concepts`` column in the training shards, and in the evaluation shards of a concept-token model
+  (else the first evaluation, hours in, would stop the run);
 * **text** — a sample of the training captions is tokenized: a high rate of unknown tokens,
   words split into single characters or captions cut at ``model.context_length`` means the
   tokenizer is mangling real text (a warning naming the rates; see
@@ -104,19 +109,51 @@ def _check_schedule(cfg: Config, found: Findings) -> None:
             f"train.warmup_steps={max(1, t.steps // 10)} (about a tenth of the run) or more train.steps")
 
 
-def stream_rows(cfg: Config) -> dict[str, int]:
-    """Rows of each sampling stream (each source under debiased sampling, else all) from the shard index."""
+def shard_index(shards: Any) -> Any:
+    """The :class:`~vlscale.data.stream.ShardIndex` of a shard location (metadata only), unreadable
+    shards logged and skipped as the loader will."""
     from vlscale.data.stream import ShardIndex
 
-    index = ShardIndex(cfg.data.train_shards, on_error="skip")
+    index = ShardIndex(shards, on_error="skip")
     for path, why in index.skipped.items():
         log.warning("preflight: shard %s is unreadable and will be skipped: %s", path, why)
-    return index.source_counts() if cfg.data.debiased else {"all": index.num_rows}
+    return index
 
 
-def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int) -> int:
-    """Full batches one rank makes per epoch: every (rank, worker) gets ``rows // (world × workers)``
-    rows of each stream (drop_last) and batches them on its own."""
+def stream_rows(index: Any, *, debiased: bool) -> dict[str, int]:
+    """Rows of each sampling stream (each source under debiased sampling, else all) of a shard index."""
+    return index.source_counts() if debiased else {"all": index.num_rows}
+
+
+def _check_concepts(cfg: Config, found: Findings) -> None:
+    """ViCHA concepts must be in the data: in the training shards when any are sampled, and in the
+    evaluation shards of a model that takes them as image tokens (it evaluates with them). vlscale's
+    shards always have the column, so the first record batches are read for a non-empty list."""
+    t = cfg.techniques
+    mine = "fix: mine them with `vlscale concepts SHARDS --checkpoint RUN --out DIR` and point {field} at DIR"
+    if (t.concept_mode == "image_tokens" or t.concept_prob > 0) and not sample_column(
+            cfg.data.train_shards, "concepts", 1):
+        found.errors.append(
+            f"techniques.concept_mode={t.concept_mode!r} (concept_prob={t.concept_prob}) uses each image's visual "
+            f"concepts, but the first rows of data.train_shards={cfg.data.train_shards} have none; "
+            + mine.format(field="data.train_shards")
+            + (", or techniques.concept_prob=0" if t.concept_mode == "caption" else ""))
+    if t.concept_mode == "image_tokens" and cfg.data.eval_shards and cfg.train.eval_every and not sample_column(
+            cfg.data.eval_shards, "concepts", 1):
+        found.errors.append(
+            f"data.eval_shards={cfg.data.eval_shards}: the model takes visual concepts as image tokens "
+            f"(model.concept_tokens={cfg.model.concept_tokens}) and is evaluated with them, but the first rows "
+            "have none; " + mine.format(field="data.eval_shards") + ", or data.eval_shards='' (no evaluation "
+            "during training)")
+
+
+def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False) -> int:
+    """Full batches one rank makes per epoch. Mixed sampling: every (rank, worker) gets
+    ``rows // (world × workers)`` rows of the stream (drop_last) and batches them on its own.
+    Debiased: one batch per global step, ``rows_s // (world × micro)`` steps per source, whatever
+    the workers (the global schedule of :mod:`vlscale.data.sampling`)."""
+    if debiased:
+        return sum(n // (world * micro) for n in rows.values())
     workers = max(1, workers)
     return sum(workers * ((n // (world * workers)) // micro) for n in rows.values())
 
@@ -127,14 +164,26 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
                             "(`vlscale shards build` writes them)")
         return
     try:
-        rows = stream_rows(cfg)
+        index = shard_index(cfg.data.train_shards)
     except ValueError as exc:
         found.errors.append(f"data.train_shards={cfg.data.train_shards}: {exc}")
         return
+    _check_concepts(cfg, found)
+    rows = stream_rows(index, debiased=cfg.data.debiased)
     workers = max(1, cfg.data.num_workers)
     total = sum(rows.values())
-    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers)
+    debiased = cfg.data.debiased
+    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers, debiased=debiased)
     streams = world * workers
+    if per_rank == 0 and debiased:  # one global batch per step from one source: workers do not matter
+        biggest = max(rows.values(), default=0) // world
+        fixes = ([f"train.global_batch_size={biggest * world} (or less)"] if biggest >= 1 else []) + [
+            f"at least {micro * world} rows in one source"]
+        found.errors.append(
+            f"data.train_shards={cfg.data.train_shards}: under data.debiased every global batch of "
+            f"{cfg.train.global_batch_size} pairs comes from one source, and no source has that many rows "
+            f"({rows}); fix: " + ", or ".join(fixes))
+        return
     if per_rank == 0:
         fixes = []
         for nw in range(cfg.data.num_workers - 1, -1, -1):
@@ -144,25 +193,26 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
         biggest = max(rows.values()) // streams
         if biggest >= 1:
             fixes.append(f"train.global_batch_size={biggest * world} (or less)")
-        fixes.append(f"at least {micro * streams} rows{' in one source' if cfg.data.debiased else ''}")
+        fixes.append(f"at least {micro * streams} rows")
         found.errors.append(
             f"data.train_shards={cfg.data.train_shards}: {total} rows split over {_n(world, 'rank')} × "
             f"{_n(workers, 'loader worker')} = {_n(streams, 'stream')} of ~{total // streams} rows"
-            + (f" (per source under data.debiased: {rows})" if cfg.data.debiased else "")
-            + f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
+            f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
             f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: " + ", or ".join(fixes))
         return
     used = per_rank * micro * world
     if total and (total - used) / total > DROP_WARN:
+        split = ("each source's last partial global batch" if debiased else
+                 f"partial batches of {_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}")
         found.warnings.append(
-            f"data: each epoch uses {used} of {total} rows ({total - used} left in partial batches of "
-            f"{_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}); fewer data.num_workers or a smaller batch "
-            "wastes less")
-    if cfg.data.debiased:
+            f"data: each epoch uses {used} of {total} rows ({total - used} left in {split}); "
+            + ("a smaller global batch wastes less" if debiased else "fewer data.num_workers or a smaller batch "
+               "wastes less"))
+    if debiased:
         for name, n in rows.items():
-            if n // streams < micro:
-                found.warnings.append(f"data.debiased: source {name!r} has {n} rows, fewer than one batch of "
-                                      f"{micro} per stream ({streams} streams): it is never sampled")
+            if n < micro * world:
+                found.warnings.append(f"data.debiased: source {name!r} has {n} rows, fewer than one global batch "
+                                      f"of {micro * world}: it is never sampled")
     log.info("preflight: %d rows, %d batches of %d per rank per epoch (%.2f epochs in %d steps)",
              total, per_rank, micro, cfg.train.steps / per_rank, cfg.train.steps)
 
@@ -170,13 +220,21 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
 def _check_text(cfg: Config, found: Findings) -> None:
     from vlscale.model.tokenizer import audit_texts, build_tokenizer, text_warning
 
-    captions = sample_captions(cfg.data.train_shards, CAPTION_SAMPLE)
-    if not captions:
-        return
     try:
         tokenizer = build_tokenizer(cfg.model)
     except ValueError:
         return  # no tokenizer of its own: the model build reports it
+    if cfg.data.text_mask_prob > 0:  # the loader would refuse it only once the model is built
+        from vlscale.data.collate import CaptionMasker
+
+        try:
+            CaptionMasker.from_tokenizer(tokenizer, cfg.data.text_mask_prob, cfg.data.text_mask_split)
+        except ValueError as exc:
+            found.errors.append(f"data.text_mask_prob={cfg.data.text_mask_prob} with model.tokenizer="
+                                f"{cfg.model.tokenizer or cfg.model.text_model}: {exc}")
+    captions = sample_captions(cfg.data.train_shards, CAPTION_SAMPLE)
+    if not captions:
+        return
     stats = audit_texts(tokenizer, captions, max_length=cfg.model.context_length)
     warning = text_warning(stats, context_length=cfg.model.context_length,
                            word_list=bool(cfg.model.tokenizer_words))
@@ -186,9 +244,15 @@ def _check_text(cfg: Config, found: Findings) -> None:
 
 def sample_captions(shards: Any, limit: int) -> list[str]:
     """Up to ``limit`` captions from the first record batches of the shards (no image is decoded)."""
+    return sample_column(shards, "caption", limit)
+
+
+def sample_column(shards: Any, column: str, limit: int, *, max_batches: int = 16) -> list[Any]:
+    """Up to ``limit`` non-empty values of ``column`` from the first ``max_batches`` record batches
+    of the shards (no image is decoded; unreadable shards and a missing column give nothing)."""
     from vlscale.data.stream import list_shards, open_shard
 
-    out: list[str] = []
+    out: list[Any] = []
     try:
         paths = list_shards(shards)
     except ValueError:
@@ -197,8 +261,9 @@ def sample_captions(shards: Any, limit: int) -> list[str]:
         try:
             reader = open_shard(path)
             for i in range(reader.num_record_batches):
-                out += [c for c in reader.get_batch(i).column("caption").to_pylist() if c]
-                if len(out) >= limit:
+                out += [c for c in reader.get_batch(i).column(column).to_pylist() if c]
+                max_batches -= 1
+                if len(out) >= limit or max_batches <= 0:
                     return out[:limit]
         except (ValueError, KeyError, OSError):
             continue

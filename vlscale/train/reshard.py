@@ -18,8 +18,11 @@
 saved position means something only in that split. So the rest of the interrupted epoch is read
 with the split it started with — each old rank's stream from its saved position — and the old
 ranks' batches are concatenated in rank order into the same *global* batches the old run would
-have made, then cut into the new ranks' shares (:class:`ResplitLoader`). From the next epoch on,
-the new split takes over. Every row is seen exactly once per epoch and the global batches are
+have made, then cut into the new ranks' shares (:class:`ResplitLoader`) — by each old rank's
+nominal rows, so an old batch left short by skipped samples shortens only the new rank covering
+its missing rows (the trainer evens the step out) and no row is read twice. Under debiased
+sampling every step of the re-split stays one source (the old ranks' step k is the old global
+step k). From the next epoch on, the new split takes over. Every row is seen exactly once per epoch and the global batches are
 exactly the uninterrupted run's; only dropout and the other per-rank random draws differ (they
 are seeded per rank, and there are other ranks now), so losses match to rounding, not bit for bit.
 """
@@ -33,11 +36,9 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from vlscale.data.collate import Batch
@@ -154,7 +155,7 @@ class ResplitLoader:
             yield from self.next_loader
             return
         iters = {r: iter(loader) for r, loader in self.old.items()}
-        lo = self.rank * self.micro
+        lo, hi = self.rank * self.micro, (self.rank + 1) * self.micro
         while True:
             parts = {r: next(it, None) for r, it in iters.items()}
             if any(b is None for b in parts.values()):
@@ -162,7 +163,12 @@ class ResplitLoader:
                 for it in iters.values():  # drain: the old loaders end their pass (and epoch)
                     self.dropped += sum(len(b) for b in it)
                 break
-            yield _slice(_concat([parts[r] for r in self.sources]), lo - self.sources[0] * self.old_micro, self.micro)
+            # Cut by each old rank's NOMINAL positions, not by the concatenation's: an old batch
+            # made short by skipped samples then shortens only the new rank(s) covering its missing
+            # tail, and new ranks that share an old rank still split its rows exactly once.
+            yield Batch.concat([parts[r].rows(max(lo, r * self.old_micro) - r * self.old_micro,
+                                              min(hi, (r + 1) * self.old_micro) - r * self.old_micro)
+                                for r in self.sources])
         if self.dropped:
             log.warning("data: %d rows of the re-split epoch %d were left over (the old ranks' streams ended unevenly)",
                         self.dropped, self.epoch)
@@ -177,26 +183,3 @@ class ResplitLoader:
         return {"resplit": {"world_size": self.old_world, "states": {str(r): st for r, st in states.items()}},
                 "worker_states": {"resplit": True}, "epoch": self.epoch, "stats": self.stats}
 
-
-def _concat(batches: list[Batch]) -> Batch:
-    if len(batches) == 1:
-        return batches[0]
-
-    def cat(name: str) -> torch.Tensor | None:
-        values = [getattr(b, name) for b in batches]
-        return None if values[0] is None else torch.cat(values)
-
-    concepts = None if batches[0].concepts is None else [c for b in batches for c in b.concepts]
-    return replace(batches[0], pixels=cat("pixels"), tokens=cat("tokens"), attention_mask=cat("attention_mask"),
-                   source=[s for b in batches for s in b.source], keys=[k for b in batches for k in b.keys],
-                   captions=[c for b in batches for c in b.captions], concepts=concepts)
-
-
-def _slice(batch: Batch, start: int, n: int) -> Batch:
-    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[start:start + n]
-
-    return replace(batch, pixels=cut(batch.pixels), tokens=cut(batch.tokens), attention_mask=cut(batch.attention_mask),
-                   source=batch.source[start:start + n], keys=batch.keys[start:start + n],
-                   captions=batch.captions[start:start + n],
-                   concepts=None if batch.concepts is None else batch.concepts[start:start + n])

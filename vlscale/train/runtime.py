@@ -74,6 +74,16 @@ def init_runtime(cfg: Config) -> Runtime:
     return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=device, owns_group=owns)
 
 
+def rows_per_rank(rows: int, rt: Runtime) -> list[int]:
+    """Every rank's ``rows`` (an all-gather of W integers; every rank must call it)."""
+    if rt.world_size == 1:
+        return [rows]
+    mine = torch.tensor([rows], dtype=torch.long, device=rt.device)
+    out = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(out, mine, group=rt.process_group)
+    return [int(n) for n in out]
+
+
 def shutdown(rt: Runtime) -> None:
     """barrier + destroy_process_group: without it a fraction of gloo runs abort at exit."""
     if rt.owns_group and dist.is_initialized():

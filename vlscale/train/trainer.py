@@ -14,7 +14,8 @@ Build order (each step needs the previous one):
    another world size through :mod:`vlscale.train.reshard`); or ``train.init_from``: only the
    weights of a checkpoint / export, loaded before the engine wraps the model (step 0).
 
-One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks: the
+One step = one contrastive batch of ``train.global_batch_size`` pairs over all ranks (fewer when
+skipped samples leave a rank short: every rank then keeps the same rows, ``Trainer._even``): the
 gradient cache embeds it chunk by chunk, the loss runs once over the gathered embeddings, the
 chunks are re-forwarded to back-propagate, and the engine applies one optimizer step.
 """
@@ -45,7 +46,7 @@ from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
 from vlscale.train.preflight import preflight
-from vlscale.train.runtime import Runtime, init_runtime, setup_logging, shutdown
+from vlscale.train.runtime import Runtime, init_runtime, rows_per_rank, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,7 +107,7 @@ class Trainer:
         self.text_stats = TokenStats(tok) if tok is not None else None
         self._text_warned = False
         self.step = 0
-        self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0}
+        self.counters = {"nonfinite_skips": 0, "overflow_skips": 0, "samples": 0, "trimmed_samples": 0}
         self.losses: dict[int, float] = {}
         if resume_from is not None:
             self._resume(resume_from)
@@ -235,9 +236,32 @@ class Trainer:
                 if batch is None:
                     break
                 empty = False
-                yield batch
+                batch = self._even(batch)
+                if batch is not None:
+                    yield batch
             if empty and fresh:
                 raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
+
+    def _even(self, batch: Any) -> Any:
+        """This rank's share of the step's batch, cut so that every rank holds the same rows.
+
+        A rank's batch can come out short: debiased sampling refills skipped (corrupt) samples from
+        spare rows only while they last, and a world-size change re-splits short old batches. Every
+        rank then keeps the smallest rank's row count (a W-int all-gather per step; the trimmed
+        rows are counted in ``train/trimmed_samples``), and a step where some rank has none is
+        skipped by all. Equal rows are what the rest of the step assumes: ZeRO-3 / FSDP2 gather
+        parameters for every chunk's forward, so all ranks must run the same number of chunks, and
+        the mixup partners are global rows ``rank × rows + i``."""
+        sizes = rows_per_rank(len(batch), self.rt)
+        keep = min(sizes)
+        if keep == max(sizes):
+            return batch if keep else None
+        trimmed = sum(sizes) - keep * len(sizes)
+        self.counters["trimmed_samples"] += trimmed
+        if self.rt.is_main:
+            log.warning("step %d: the ranks' batches have %s rows (skipped samples); every rank keeps %d, %d "
+                        "samples trimmed%s", self.step + 1, sizes, keep, trimmed, " and the step skipped" if not keep else "")
+        return batch.rows(0, keep) if keep else None
 
     def fit(self) -> dict[str, Any]:
         """Train until ``train.steps``; returns {"step", "losses", "counters", "eval"}."""
@@ -249,10 +273,12 @@ class Trainer:
                 self.logger.advance({"loss": metrics["loss"], "lr": metrics["lr"]})
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.logger.log(self.step, {**metrics, **self._slow_metrics()})
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    last_eval = self.evaluate()
+                # Checkpoint first: an evaluation that fails (its data, its memory) must not cost
+                # the steps since the last checkpoint, nor the final one.
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                     self.save()
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    last_eval = self.evaluate()
             self._memory_report()
         finally:
             self.logger.close()
@@ -277,9 +303,10 @@ class Trainer:
             self.counters["overflow_skips"] += 1
         elapsed = time.perf_counter() - start
         self.step += 1
-        self.counters["samples"] += self.global_batch
+        rows = len(batch) * self.rt.world_size  # every rank holds the same rows (_even)
+        self.counters["samples"] += rows
         self.losses[self.step] = loss
-        out = {"loss": loss, "lr": lr, "step_time_s": elapsed, "samples_per_s": self.global_batch / elapsed,
+        out = {"loss": loss, "lr": lr, "step_time_s": elapsed, "samples_per_s": rows / elapsed,
                **{k: float(v) for k, v in res.metrics.items()}}
         if self.engine.loss_scale is not None:
             out["loss_scale"] = float(self.engine.loss_scale)
