@@ -146,6 +146,17 @@ def test_user_deepspeed_config_wins_with_one_line_per_conflict(tmp_path: Path) -
     assert (spec.config.train.precision, spec.config.train.global_batch_size) == ("fp32", 4096)
 
 
+def test_user_deepspeed_config_older_bfloat16_key(tmp_path: Path) -> None:
+    """DeepSpeed still accepts its older "bfloat16" block: it must set train.precision too (else the
+    engine would run bf16 while the trainer believes fp32); both names at once is an error."""
+    spec = resolve_launch(_user_config(tmp_path, {"bfloat16": {"enabled": True}}), environ={}, world_size=2)
+    assert spec.config.train.precision == "bf16" and spec.ds_config["bf16"]["enabled"] is True
+    assert "bfloat16" not in spec.ds_config
+    with pytest.raises(ValueError, match="older name 'bfloat16'"):
+        resolve_launch(_user_config(tmp_path, {"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}),
+                       environ={}, world_size=2)
+
+
 def test_user_deepspeed_optimizer_and_scheduler_blocks_are_honoured(tmp_path: Path) -> None:
     cfg = _user_config(tmp_path, {
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": "auto", "weight_decay": 0.1}},

@@ -142,3 +142,19 @@ def test_warmup_cosine_schedule() -> None:
     assert sched[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, the peak at step 4
     assert sched[4] == pytest.approx(1.0) and sched[9] == pytest.approx(0.55) and sched[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(sched[4:]))  # then monotone cosine decay to the floor
+
+
+def test_data_skipped_counts_only_samples_skipped_for_bad_data() -> None:
+    """``data/skipped`` sums the skip reasons; epoch-end rows, short-batch counts and remote-read
+    counters are reported under their own names, not added to it."""
+    from types import SimpleNamespace
+
+    from vlscale.train.trainer import Trainer
+
+    stats = {"samples": 96, "unreadable_image": 2, "empty_caption": 1, "dropped_tail": 5, "short_batch": 1,
+             "io_requests": 7, "io_bytes": 4096}
+    fake = SimpleNamespace(loader=SimpleNamespace(stats=stats), counters={}, text_stats=None,
+                           rt=SimpleNamespace(device=torch.device("cpu")))
+    out = Trainer._slow_metrics(fake)
+    assert out["data/skipped"] == 3.0
+    assert (out["data/dropped_tail"], out["data/short_batch"], out["data/io_requests"]) == (5.0, 1.0, 7.0)

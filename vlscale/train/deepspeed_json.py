@@ -53,6 +53,10 @@ def read_user_config(path: str | Path, what: str) -> dict[str, Any]:
         raise ValueError(f"{what}: {path} is not valid JSON: {exc}") from exc
     if not isinstance(user, dict):
         raise ValueError(f"{what}: {path} must hold a JSON object, got {type(user).__name__}")
+    if "bfloat16" in user:  # DeepSpeed's older name for the bf16 block, still accepted by DeepSpeed
+        if "bf16" in user:
+            raise ValueError(f"{what}: {path} has both 'bf16' and its older name 'bfloat16'; keep 'bf16'")
+        user["bf16"] = user.pop("bfloat16")
     return user
 
 

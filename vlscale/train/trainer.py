@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+NOT_SKIPS = ("samples", "dropped_tail", "short_batch")
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and train.on_nonfinite says to stop (or the skip budget ran out)."""
 
@@ -343,7 +346,10 @@ class Trainer:
         """Metrics worth a little time, only on logged steps: skips, memory, temperature."""
         stats = self.loader.stats
         out = {f"data/{k}": float(v) for k, v in stats.items()}
-        out["data/skipped"] = float(sum(v for k, v in stats.items() if k != "samples" and not k.startswith("io_")))
+        # Samples skipped for bad data, by reason; not the epoch-end rows (dropped_tail), the count of
+        # short batches (short_batch) or the remote-read counters (io_*).
+        out["data/skipped"] = float(sum(v for k, v in stats.items()
+                                        if k not in NOT_SKIPS and not k.startswith("io_")))
         out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
         out.update(memory_stats(self.rt.device))
         if self.text_stats is not None:  # since the last logged step, this rank's batches
