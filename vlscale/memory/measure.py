@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from vlscale.memory.lossmem import FUSED_IMPLS
 from vlscale.memory.model import GIB
 from vlscale.memory.tracker import MemoryTracker
 
@@ -204,7 +205,9 @@ def simulated_plan_inputs(plan_inputs: Any, result: dict[str, Any]) -> Any:
         nograd_act_bytes_per_row=max(c["nograd_per_row"] for c in costs.values()),
         act_fixed_bytes=max(c["fixed"] for c in costs.values()),
         act_source="measured on this device (two chunk sizes, fitted)",
-        fused_impl=result["loss_impl"] if result["loss_impl"] in ("triton", "chunked") else "chunked",
+        fused_impl=result["loss_impl"] if result["loss_impl"] in FUSED_IMPLS else "chunked",
+        # run_rank_step keeps the gradient buffers between steps (zeroed, not freed).
+        grads_copied=False, grads_persistent=True,
         notes=[*plan_inputs.notes, "simulated rank: 16-bit (or fp32) weights with ShardedAdam (ZeRO-1-like "
                f"states: full gradients, 1/{result['world_size']} of the fp32 master + moments), no DeepSpeed "
                "buckets, inputs generated per chunk"])
