@@ -33,6 +33,7 @@ import harness  # sibling script (benchmarks/ is no package)
 harness.ensure_vlscale_importable()
 from vlscale.memory import GIB, MIB, MemoryTracker, deepspeed_bucket_bytes, max_global_batch, predict_memory  # noqa: E402
 from vlscale.memory.towers import (  # noqa: E402
+    chunk_cost,
     count_params,
     measure_activation_cost,
     meta_dual_encoder,
@@ -118,8 +119,8 @@ def _chunk_cost(costs: dict[str, dict[str, float]], rows: int | None) -> dict[st
     if rows is None:
         return {"act_bytes_per_pair": sum(c["per_row"] for c in costs.values()),
                 "act_fixed_bytes": max(c["fixed"] for c in costs.values())}
-    top = max(costs.values(), key=lambda c: c["fixed"] + rows * c["per_row"])
-    return {"act_bytes_per_pair": top["per_row"], "act_fixed_bytes": top["fixed"],
+    per_row, fixed = chunk_cost(costs, rows)
+    return {"act_bytes_per_pair": per_row, "act_fixed_bytes": fixed,
             "nograd_act_bytes_per_row": max(c["nograd_per_row"] for c in costs.values())}
 
 

@@ -204,6 +204,16 @@ def test_activation_cost_of_an_mlp() -> None:
     assert count_params(model) == 64 * 256 + 256 + 256 * 64 + 64
 
 
+def test_chunk_cost_is_one_towers() -> None:
+    """A chunk runs one tower: its cost is that tower's fixed + rows · per row, never the image
+    tower's per-row cost on top of the text tower's dense word-embedding gradient."""
+    from vlscale.memory.towers import chunk_cost
+
+    costs = {"image": {"per_row": 300.0, "fixed": 100.0}, "text": {"per_row": 4.0, "fixed": 7800.0}}
+    assert chunk_cost(costs, 16) == (4.0, 7800.0)  # 7,864 > 4,900
+    assert chunk_cost(costs, 100) == (300.0, 100.0)  # 30,100 > 8,200
+
+
 def test_meta_param_count_equals_real_dual_encoder() -> None:
     from vlscale.memory.towers import meta_dual_encoder
     from vlscale.model import DualEncoder, ModelConfig

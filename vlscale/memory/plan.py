@@ -182,7 +182,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     import torch
 
     from vlscale import config as vlscale_config
-    from vlscale.memory.towers import meta_counts
+    from vlscale.memory.towers import chunk_cost, meta_counts
     from vlscale.train.dsconfig import resolve_batch
 
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -248,17 +248,17 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
                   "for the backward's transients (calibrated on ViT-B/16 + BERT-base, ANCHORS.md)")
         if cfg.model.grad_checkpointing:
             source += "; activation checkpointing: stored block inputs + one recomputed block"
+    gc = cfg.gradcache
+    chunk = max(gc.chunk_size, gc.image_chunk_size, gc.text_chunk_size)
     pair = sum(c["per_row"] for c in costs.values())
-    chunk_row = max(c["per_row"] for c in costs.values())
+    chunk_row, tower_fixed = chunk_cost(costs, chunk)
     if act_mib_per_pair is not None:
         if not act_mib_per_pair > 0:
             raise ValueError(f"--act-mib-per-pair must be positive, got {act_mib_per_pair}")
         # Scale the towers' split to the given pair cost (the larger tower keeps its share).
         chunk_row *= act_mib_per_pair * MIB / pair
         pair, source = act_mib_per_pair * MIB, "given (--act-mib-per-pair)"
-    fixed += max(c.get("fixed", 0.0) for c in costs.values())
-    gc = cfg.gradcache
-    chunk = max(gc.chunk_size, gc.image_chunk_size, gc.text_chunk_size)
+    fixed += tower_fixed
     size, length = cfg.model.image_size or 224, cfg.model.context_length
     concept_bytes = 2 * cfg.model.concept_tokens * 8  # concept token ids + mask (int64) beside each image
     momentum = tech.momentum_queue > 0

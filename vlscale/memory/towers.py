@@ -209,6 +209,17 @@ def measure_activation_cost(model: nn.Module, make_inputs: InputsFn, *, sizes: t
                           nograd_per_row=max(q1 / n1, q2 / n2))
 
 
+def chunk_cost(costs: dict[str, dict[str, float]], rows: int) -> tuple[float, float]:
+    """``(per_row, fixed)`` of the tower whose chunk of ``rows`` costs most (``fixed + rows · per_row``).
+
+    The gradient cache runs the towers one at a time, so a chunk holds ONE tower's activations: the
+    largest per-row cost of one tower must not be combined with another tower's row-independent
+    bytes (e.g. a text tower's dense word-embedding gradient).
+    """
+    top = max(costs.values(), key=lambda c: c.get("fixed", 0.0) + rows * c["per_row"])
+    return float(top["per_row"]), float(top.get("fixed", 0.0))
+
+
 def _block_count(tower: nn.Module) -> int:
     """Length of the tower's longest run of same-class blocks (ViT ``blocks``, BERT ``encoder.layer``)."""
     best = 1
