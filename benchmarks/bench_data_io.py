@@ -368,7 +368,7 @@ def to_markdown(rec: dict[str, Any]) -> str:
     if "build_w1_w2_identical" in s:
         same = ", ".join(f"{'yes' if v else 'NO'} at {int(k):,} images" for k, v in s["build_w1_w2_identical"].items())
         lines += [f"`--workers 1` and `--workers 2` shards byte-identical: {same}. Build "
-                  "CPU-seconds: the CLI process and its spawned workers (~0.3 CPU-s of imports each, once per "
+                  "CPU-seconds: the CLI process and its spawned workers (each pays its imports and start-up once per "
                   "build); on 2 shared cores 2 workers cannot double the wall-clock rate.", ""]
     lines += ["Stream rows: key + image bytes + caption of every sample, no decode. mosaicml-streaming and litdata "
               "download whole shards / chunks into a fresh local cache (their design); vlscale reads each record batch "
