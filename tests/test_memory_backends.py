@@ -6,6 +6,8 @@ contrast, hierarchical levels, masked image modeling) by hand and from the recip
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from vlscale.config import load_recipe
 from vlscale.memory import GIB, MemoryTracker, predict_memory
 from vlscale.memory import lossmem as L
 from vlscale.memory import plan as planner
+from vlscale.memory.cli import main as memory_main
 from vlscale.memory.techmem import TechniqueMemory
 
 MIB = 2**20
@@ -159,7 +162,7 @@ def test_positive_queue_gathers_nothing() -> None:
         TechniqueMemory(contrastive=False)
 
 
-def test_plan_reads_the_techniques_of_the_recipes() -> None:
+def test_plan_reads_the_techniques_of_the_recipes(tmp_path: Path) -> None:
     from vlscale.memory.towers import count_params, meta_dual_encoder
     from vlscale.techniques import momentum_copy
 
@@ -177,6 +180,13 @@ def test_plan_reads_the_techniques_of_the_recipes() -> None:
     est = planner.predict(inp, "fused_gradcache", inp.global_batch)
     assert est.components["MIM forward"] == 32 * t["mim_act_bytes_per_row"]
     assert est.components["momentum queues"] == 2 * 65536 * 256 * 4 and "keys" in est.phases
+    # The report of such a plan: every component in the stacked plot, the techniques among the inputs.
+    assert memory_main(["plan", "--recipe", "vicha-v100", "--world-size", "8", "--gpu-memory", "32GiB", "--gpu",
+                        "v100", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"momentum copy", "MIM forward"} <= {c["name"] for c in report["components"]}
+    assert (tmp_path / "breakdown.png").stat().st_size > 1000
+    assert "momentum contrast (batch_queue, K = 65,536" in (tmp_path / "report.md").read_text()
     plain = planner.plan_inputs(load_recipe("zerovl-v100"), world_size=8, gpu_memory=32 * GIB)
     assert plain.techniques == TechniqueMemory().to_dict()
     assert not {"momentum copy", "MIM forward"} & set(planner.predict(plain, "fused_gradcache", 16384).components)

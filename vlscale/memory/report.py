@@ -210,7 +210,7 @@ def _plots(report: dict[str, Any], est: MemoryEstimate, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     phases = list(est.phases)
     bottom = [0.0] * len(phases)
-    colors = iter(plt.get_cmap("tab20").colors)
+    colors = iter([*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors])  # 40: techniques add components
     unit, label = (GIB, "GiB") if est.total >= GIB else (MIB, "MiB")
     for comp, nbytes in est.components.items():
         heights = [nbytes / unit if comp in est.phases[p] else 0.0 for p in phases]
