@@ -110,6 +110,11 @@ def test_plan_fsdp_and_local_engines() -> None:
     # The same on whole fp32 parameters: the largest is tiny-cpu's word embedding (30,522 × 128).
     assert local.step_transient_bytes == 2 * 4 * 30522 * 128 and local.grad_transient_bytes == 4 * 30522 * 128
     assert not local.grads_copied and not local.grads_persistent
+    # DeepSpeed (tiny-cpu: ZeRO-2, fp32, 2 ranks) steps each AdamW group as one flat fp32 partition:
+    # sqrt(v) and its quotient of the larger group's half — the no-decay group holding the 30,522 × 128
+    # word embedding, position and type embeddings, norms and biases: 3,985,025 elements.
+    ds = planner.plan_inputs(load_recipe("tiny-cpu"), world_size=2, gpu_memory=8 * GIB)
+    assert ds.step_transient_bytes == 8 * -(-3_985_025 // 2) and ds.grads_copied
 
 
 def test_plan_reads_deepspeed_offload(tmp_path: Path) -> None:

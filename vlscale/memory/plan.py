@@ -217,11 +217,17 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
             "reduce_bucket_size", DS_REDUCE_BUCKET)), overlap_comm=bool(zero.get("overlap_comm", False)))
         if stage == 3:
             live = int(float(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)))
-        # The client torch AdamW steps the flattened fp32 gradient partition: measured 2.7 × 4Ψ/W
-        # on CPU (ZeRO-2, 2 ranks, fp32): the partition's fp32 gradient, Adam's denominator and the
-        # gradient norm's temporaries.
+        # DeepSpeed flattens each AdamW group into one fp32 partition (ZeRO 1-3; FP16/BF16_Optimizer
+        # at stage 0) and the client torch AdamW (single-tensor) steps it as one tensor, group by group:
+        # sqrt(v) and its quotient (8 bytes per element of the largest group's partition) plus, in
+        # mixed precision, the fp32 copy of that partition's 16-bit gradient (4 more). fp32 at stage 0
+        # steps the module's own parameters: the largest parameter's two temporaries.
         shard = world_size if stage >= 1 else 1
-        step_tr = 0.0 if offload else 12.0 * params / shard  # an offloaded step runs on the host
+        if stage == 0 and precision == "fp32":
+            step_tr = 8.0 * counts.largest_param
+        else:
+            step_tr = (8.0 + 4.0 * (precision != "fp32")) * -(-counts.largest_group // shard)
+        step_tr = 0.0 if offload else step_tr  # an offloaded step runs on the host
     elif engine == "fsdp":
         # FSDP2: fp32 parameters, gradients and Adam states sharded (16Ψ/W); the largest shard unit
         # gathered in 16 bits; without gradient sync (all chunks but the last) the unsharded

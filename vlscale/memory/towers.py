@@ -243,6 +243,9 @@ class MetaCounts:
     """Elements of the largest trainable parameter (the optimizer's and the EMA's per-tensor temporaries)."""
     largest_embedding: int
     """Elements of the largest trainable embedding table (its backward makes a dense gradient)."""
+    largest_group: int
+    """Elements of the largest AdamW parameter group (:func:`vlscale.model.param_groups`): flattened
+    into one fp32 partition by DeepSpeed, whose optimizer steps it as one tensor."""
     towers: dict[str, dict[str, float]]
     """Per tower: ``saved_per_row``, ``per_row``, ``nograd_per_row``, ``blocks`` (bytes, one row)."""
     mim_per_row: float = 0.0
@@ -320,8 +323,12 @@ def meta_counts(model_cfg: Any, dtype: torch.dtype, *, mim_mask_ratio: float | N
     if momentum:  # vlscale.techniques.momentum_copy: no MIM decoder, nothing frozen, no checkpointing
         ema = count_params(meta_dual_encoder(**{**kw, "mim_decoder_depth": 0, "freeze_image_layers": 0,
                                                 "freeze_text_layers": 0}), trainable_only=False)
+    from vlscale.model import param_groups
+
+    groups = param_groups(model, 0.1)  # which group a parameter falls in does not depend on the value
     return MetaCounts(params=count_params(model),
                       largest_unit=max((count_params(c, trainable_only=False) for c in model.children()), default=0),
                       largest_param=max((p.numel() for p in trainable), default=0),
                       largest_embedding=max((t.numel() for t in tables), default=0),
+                      largest_group=max((sum(p.numel() for p in g["params"]) for g in groups), default=0),
                       towers=costs, mim_per_row=mim, momentum_params=ema)
