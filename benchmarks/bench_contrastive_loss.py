@@ -28,155 +28,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # sibling script (benchmarks/ is no package)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The providers, inputs and float64 checks; build_case is what the fresh-process memory call builds.
+from loss_providers import (  # noqa: F401
+    DTYPES,
+    ERROR_KEYS,
+    REL_FLOOR,
+    all_providers,
+    build_case,
+    error_limits,
+    errors_vs_float64,
+    infcl_loss,
+    make_inputs,
+    naive_loss,
+    provider_fn,
+    registered_backends,
+    step_fn,
+    warm_compiled,
+)
+
 SIZES = "4096,8192,16384,32768,65536,131072,262144"
 FLOOR_FACTOR = {"fwd": 2, "bwd": 6, "full": 8}  # × B²·D: one S forward; S again + two products backward
-# Relative error floors per dtype, added to 2× the naive loss's own error (flash-attention's rule).
-REL_FLOOR = {"fp32": 2e-5, "fp16": 2e-3, "bf16": 1e-2}
-ERROR_KEYS = ("loss", "d_image", "d_text", "d_logit_scale")
-
-
-def registered_backends() -> list[str]:
-    """Names of the backends registered in :mod:`vlscale.loss.backends` ("auto" excluded: it is a choice
-    among them). Reads a registry function or mapping if the module has one, else ``IMPLS``."""
-    from vlscale.loss import backends as reg
-
-    names: list[str] = []
-    for attr in ("registered_backends", "available_backends", "list_backends", "backend_names"):
-        fn = getattr(reg, attr, None)
-        if callable(fn):
-            names = list(fn())
-            break
-    else:
-        for attr in ("REGISTRY", "BACKENDS", "_REGISTRY"):
-            table = getattr(reg, attr, None)
-            if isinstance(table, dict):
-                names = list(table)
-                break
-        else:
-            names = list(reg.IMPLS)
-    return [n for n in dict.fromkeys(str(n) for n in names) if n != "auto"]
-
-
-def all_providers() -> list[str]:
-    return ["naive", *registered_backends(), "infcl"]
-
-
-def naive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """open_clip ``ClipLoss`` on one device: materialises the B×B logits."""
-    logits = scale * img @ txt.T
-    labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def infcl_loss() -> Callable | str:
-    """Inf-CL, one call per direction; each returns a per-row vector: mean per direction, then average."""
-    try:
-        from inf_cl import cal_flash_loss
-    except Exception as exc:  # any import failure means "not available here"
-        return f"inf_cl not importable ({type(exc).__name__}: {exc})"
-
-    def loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        labels = torch.arange(img.shape[0], device=img.device)
-        i2t = cal_flash_loss(img, txt, labels, scale)
-        t2i = cal_flash_loss(txt, img, labels, scale)
-        return (i2t.mean() + t2i.mean()) / 2
-
-    return loss
-
-
-def provider_fn(name: str, d: int, device: torch.device, overrides: dict | None = None) -> Callable | str:
-    """The loss callable ``(img, txt, scale) -> scalar`` of a provider, or why it cannot run here."""
-    if name == "naive":
-        return naive_loss
-    if name == "infcl":
-        return f"Inf-CL needs D divisible by 256 (D={d})" if d % 256 else infcl_loss()
-    from vlscale.loss import contrastive_loss
-    from vlscale.loss.backends import get_backend
-
-    if name not in registered_backends():
-        raise SystemExit(f"unknown provider {name!r}: choose among {', '.join(all_providers())}")
-    try:
-        backend = get_backend(name, device)
-    except ValueError as exc:  # e.g. triton without a capable GPU or the interpreter
-        return str(exc)
-    if overrides and name == "triton":
-        from vlscale.loss.triton_backend import TritonBackend
-
-        backend = TritonBackend(**overrides)
-    return lambda img, txt, scale: contrastive_loss(img, txt, scale, impl=backend)
-
-
-def make_inputs(b: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    img = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    txt = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    t = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)  # learnable, like CLIP
-    return img, txt, t
-
-
-def step_fn(loss_fn: Callable, img, txt, t, mode: str) -> Callable[[], None]:
-    """One call of ``mode``: ``fwd`` (no graph), ``bwd`` (the backward of a forward already run), ``full``."""
-    def zero() -> None:
-        for x in (img, txt, t):
-            x.grad = None
-
-    if mode == "fwd":
-        def run() -> None:
-            with torch.no_grad():
-                loss_fn(img, txt, t.exp())
-    elif mode == "bwd":
-        loss = loss_fn(img, txt, t.exp())
-
-        def run() -> None:
-            zero()
-            loss.backward(retain_graph=True)
-    else:
-        def run() -> None:
-            zero()
-            loss_fn(img, txt, t.exp()).backward()
-    return run
-
-
-def errors_vs_float64(loss_fn: Callable, img, txt, t) -> dict[str, float]:
-    """Relative max error of the loss and of every gradient against a float64 dense reference."""
-    def grads(fn: Callable, *xs: torch.Tensor) -> list[torch.Tensor]:
-        for x in xs:
-            x.grad = None
-        out = fn(xs[0], xs[1], xs[2].exp())
-        out.backward()
-        return [out.detach()] + [x.grad.detach() for x in xs]
-
-    got = grads(loss_fn, img, txt, t)
-    ref_in = [x.detach().double().requires_grad_() for x in (img, txt, t)]
-    want = grads(naive_loss, *ref_in)
-    return {k: harness.rel_err(g, w) for k, g, w in zip(ERROR_KEYS, got, want)}
-
-
-def error_limits(naive_errors: dict[str, float], dtype: str) -> dict[str, float]:
-    return {k: 2.0 * naive_errors[k] + REL_FLOOR[dtype] for k in ERROR_KEYS}
-
-
-def build_case(case: dict) -> Callable[[], None]:
-    """Inputs and the call of one case (the fresh-process memory measurement builds it here)."""
-    device = torch.device(case["device"])
-    fn = provider_fn(case["provider"], case["D"], device, case.get("triton_settings"))
-    if isinstance(fn, str):
-        raise RuntimeError(fn)
-    img, txt, t = make_inputs(case["B"], case["D"], DTYPES[case["dtype"]], device, seed=case["B"] + case["D"])
-    return step_fn(fn, img, txt, t, case["mode"])
 
 
 def _checked(row: dict, fn: Callable, inputs: tuple, limits: dict[str, float], rec: harness.Recorder) -> dict:
@@ -365,6 +246,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only the float64 checks (every size, mode full), no timing: the GPU check's kernel step")
     p.add_argument("--tune", action="store_true", help="first tune the triton tiles at the first size (recorded)")
     p.add_argument("--stem", default=None, help="results file stem (default contrastive_loss_<device>)")
+    p.add_argument("--exclude", default="", metavar="NAME,...", help="providers to leave out of --providers all")
+    p.add_argument("--warm-compile", default="", metavar="DTYPE,...",
+                   help="only compile the torch.compile'd provider for these dtypes and time it: <out>/compile.json")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.dims, args.dtype, args.reps, args.check_max, args.device = "40", "32", "fp32", 1, 10**9, "cpu"
@@ -375,13 +259,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def warm_compile(args: argparse.Namespace, device: torch.device) -> Path:
+    """``--warm-compile``: compile and time the compiled provider per dtype into ``<out>/compile.json``
+    (rewritten after each dtype); SystemExit(1) when one failed to compile."""
+    from vlscale.memory.report import atomic_write
+
+    path = harness.output_paths(args.out, "compile")[0] / "compile.json"
+    env = {k: v for k, v in harness.environment(device).items() if k in ("device", "device_name", "versions", "date")}
+
+    def write(result: dict) -> None:
+        atomic_write(path, json.dumps({**env, "dtypes": result}, indent=1) + "\n")
+
+    result = warm_compiled(device, harness.parse_list(args.warm_compile), done=write)
+    for name, row in result.items():
+        print(f"compiled {name}: {row['status']}" + (f", compile {row['compile_s']:.1f} s (probe {row['probe_s']:.1f} s, "
+                                                     f"first call {row['first_s']:.1f} s, then {row['second_s']:.2f} s)"
+                                                     if row["status"] == "ok" else f": {row['note']}"), flush=True)
+    if any(row["status"] != "ok" for row in result.values()):
+        raise SystemExit(1)
+    return path
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run the sweep; returns the JSON record's path. Raises SystemExit(1) after writing it if any
     provider crossed its float64 threshold or crashed."""
     args = parse_args(argv)
     harness.ensure_vlscale_importable()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.warm_compile:
+        return warm_compile(args, device)
     providers = all_providers() if args.providers == "all" else harness.parse_list(args.providers)
+    providers = [p for p in providers if p not in harness.parse_list(args.exclude)]
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("smoke: TRITON_INTERPRET is not 1, the triton provider will be skipped", file=sys.stderr)
     check_max = args.check_max if args.check_max is not None else (8192 if device.type == "cuda" else 4096)

@@ -1,28 +1,33 @@
 """Data at scale on CPU: build throughput, streaming from object storage, start-up with a manifest.
 
-Three measurements, each in samples (pairs) per CPU-second of the measured process and its
-children (the S3 server runs in a separate process and is not counted), plus wall-clock rates:
+Three sections, each provider timed in samples (pairs) per CPU-second of the measured process and
+its children (the S3 server runs in a separate process and is not counted), plus wall-clock rates:
 
-1. **build** — ``vlscale shards build`` (the CLI, in its own process) over webdataset tars of
-   JPEGs with ``--workers 1`` and ``2`` (``--validate full``: every image decoded), and
-   ``--workers 2 --validate fast``;
-2. **stream** — one pass over every sample's bytes (the reader layer: key, image bytes, caption;
-   no decode) from local disk and from a local S3 endpoint (moto's server, the real
-   ``pyarrow.fs.S3FileSystem`` client), against mosaicml-streaming (MDS) and litdata reading the
-   same samples from the same endpoint (each in its own format, as its writer writes them; each
-   downloads whole shards / chunks into a fresh local cache, which is how both work); and
-   vlscale's full training pipeline (decode, crop, tokenize, collate) from disk and from S3;
-3. **start-up** — building the loader's index over 2,000 small shards, with and without
-   ``manifest.json``, from local disk and from the S3 endpoint.
+* **build** — ``vlscale shards build`` (the CLI, in its own process, as users run it) over
+  webdataset tars of JPEGs: ``build_w1`` (``--workers 1``), ``build_w2`` (``--workers 2``, both
+  ``--validate full``: every image decoded) and ``build_w2_fast`` (``--validate fast``); the
+  1- and 2-worker shards must be byte-identical (else the run FAILS);
+* **stream** — one pass over every sample's bytes (the reader layer: key, image bytes, caption; no
+  decode): ``vlscale_disk``, ``vlscale_s3`` (a local S3 endpoint — moto's server, the real
+  ``pyarrow.fs.S3FileSystem`` client), against ``mds_s3`` (mosaicml-streaming) and ``litdata_s3``
+  reading the same samples from the same endpoint, each in its own format as its writer writes it
+  and each downloading whole shards / chunks into a fresh local cache, which is how both work; and
+  ``pipeline_disk`` / ``pipeline_s3``: vlscale's training pipeline (decode, crop, tokenize, collate);
+* **startup** — the loader's index over ``--startup-shards`` small shards: ``startup_disk``,
+  ``startup_disk_manifest``, ``startup_s3``, ``startup_s3_manifest`` (without / with ``manifest.json``).
 
-The peers are benchmark-only: ``pip install --no-deps mosaicml-streaming litdata`` (+ their
-import-time needs: brotli, python-snappy, cramjam, zstd, catalogue, lightning-utilities). litdata's
-obstore client refuses a plain-http endpoint, so litdata runs on its boto3 download path here.
+A reader that yields the wrong number of samples FAILS the run (exit status 1). The peers are
+benchmark-only and optional (skipped with a note when absent): ``pip install --no-deps
+mosaicml-streaming litdata`` (+ their import-time needs: brotli, python-snappy, cramjam, zstd,
+catalogue, lightning-utilities). litdata's obstore client refuses a plain-http endpoint, so litdata
+runs on its boto3 download path here.
 
-    .venv/bin/python benchmarks/bench_data_io.py --images 2000 --repeats 3
+    .venv/bin/python benchmarks/bench_data_io.py --sizes 500,1000 --reps 3 --startup-shards 500
 
-Writes ``results/data_io.json`` and ``results/data_io.md`` (with the machine's load average:
-the development machine is shared, so CPU-second rates are the reliable ones).
+``--sizes`` are numbers of JPEGs (``--image-side`` px short side), ``--reps`` the repeats of every
+measurement (interleaved, so a shared machine's load hits every provider alike). The record (one
+row per measurement, the machine's load average, versions) goes through the shared harness into
+``results/data_io.{jsonl,json,md}`` with plots of samples per CPU-second vs size.
 """
 
 from __future__ import annotations
@@ -36,26 +41,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pyarrow.fs as pafs
 import torch
-from bench_data_pipeline import (
-    _cpu_seconds,
-    environment,
-    load_tokenizer,
-    make_images,
-    time_epoch,
-    write_inputs,
-)
 
-from vlscale.data import build_loader, fs
-from vlscale.data.index import finalize
-from vlscale.data.stream import RowStream, ShardIndex, Span
-from vlscale.data.writer import ShardWriter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # sibling script (benchmarks/ is no package)
 
-RESULTS = Path(__file__).parent / "results"
+harness.ensure_vlscale_importable()
+from bench_data_pipeline import _cpu_seconds, load_tokenizer, make_images, time_epoch, write_inputs  # noqa: E402
+
+from vlscale.data import build_loader, fs  # noqa: E402
+from vlscale.data.index import finalize  # noqa: E402
+from vlscale.data.stream import RowStream, ShardIndex, Span  # noqa: E402
+from vlscale.data.writer import ShardWriter  # noqa: E402
+
+SECTIONS = {
+    "build": {"build_w1": "workers=1", "build_w2": "workers=2", "build_w2_fast": "workers=2 fast"},
+    "stream": {"vlscale_disk": "vlscale local disk", "vlscale_s3": "vlscale S3", "mds_s3": "mosaicml-streaming S3",
+               "litdata_s3": "litdata S3", "pipeline_disk": "vlscale full pipeline, local disk",
+               "pipeline_s3": "vlscale full pipeline, S3"},
+    "startup": {"startup_disk": "local disk, no manifest", "startup_disk_manifest": "local disk, manifest",
+                "startup_s3": "S3, no manifest", "startup_s3_manifest": "S3, manifest"},
+}
+PROVIDERS = [p for names in SECTIONS.values() for p in names]
+SECTION_OF = {p: s for s, names in SECTIONS.items() for p in names}
+LABEL = {p: label for names in SECTIONS.values() for p, label in names.items()}
+PEERS = {"mds_s3": "streaming", "litdata_s3": "litdata"}  # provider -> the module it needs
 
 
 def start_s3() -> tuple[subprocess.Popen, str]:  # (server process, endpoint URL)
@@ -83,18 +97,20 @@ def start_s3() -> tuple[subprocess.Popen, str]:  # (server process, endpoint URL
 
 
 def upload(local: Path, url: str) -> None:
+    import pyarrow.fs as pafs
+
     s3fs, path = fs.filesystem(url)
     pafs.copy_files(str(local), path, destination_filesystem=s3fs, use_threads=True)
 
 
-def measure(fn) -> tuple[int, float, float]:
+def measure(fn: Callable[[], int]) -> tuple[int, float, float]:
     """(count, wall s, CPU s of this process and its finished children)."""
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     n = fn()
     return n, time.perf_counter() - t0, _cpu_seconds() - cpu0
 
 
-# --------------------------------------------------------------------------- readers (one pass, raw bytes)
+# -- readers (one pass, raw bytes) --------------------------------------------------------------------
 def read_vlscale(location: str) -> int:
     index = ShardIndex(location)
     spans = [Span(u, 0, unit.rows) for u, unit in enumerate(index.units)]
@@ -141,63 +157,72 @@ def read_litdata(url: str, cache: str) -> int:
     return sum(len(s["image"]) > 0 and len(s["caption"]) > 0 for s in ds)
 
 
-# --------------------------------------------------------------------------- the three sections
-def run_build(cmd: list[str], dest: Path) -> int:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((dest / "build_summary.json").read_text())["rows"]
+# -- the sections ---------------------------------------------------------------------------------------
+class Run:
+    """One size's measurements: rows into the recorder, wrong counts into its failures."""
 
+    def __init__(self, rec: harness.Recorder, providers: list[str], images: int, tmp: Path) -> None:
+        self.rec, self.providers, self.images, self.tmp = rec, providers, images, tmp
 
-def bench_build(items: list, tmp: Path, repeats: int) -> dict:
-    _, tars = write_inputs(items, tmp / "inputs", num_tars=8)
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for rep in range(repeats):
-        for name, workers, validate in (("workers=1", 1, "full"), ("workers=2", 2, "full"),
-                                        ("workers=2 fast", 2, "fast")):
-            dest = tmp / f"build-{name.replace(' ', '_').replace('=', '')}-{rep}"
-            # as users run it: the CLI in its own process (CPU of it and its workers is counted)
+    def row(self, provider: str, rep: int, **values: Any) -> None:
+        self.rec.add({"section": SECTION_OF[provider], "provider": provider, "label": LABEL[provider],
+                      "images": self.images, "repeat": rep, "status": "ok", **values})
+
+    def counted(self, provider: str, rep: int, fn: Callable[[], int], *, expect: int) -> None:
+        n, wall, cpu = measure(fn)
+        if n != expect:
+            self.rec.failures.append(f"{provider} ({self.images} images): {n} samples, expected {expect}")
+        self.row(provider, rep, samples=n, wall_s=wall, cpu_s=cpu, samples_per_s=n / wall, samples_per_cpu_s=n / cpu)
+
+    def build(self, items: list, rep: int) -> None:
+        configs = {"build_w1": (1, "full"), "build_w2": (2, "full"), "build_w2_fast": (2, "fast")}
+        for provider, (workers, validate) in configs.items():
+            if provider not in self.providers:
+                continue
+            dest = self.tmp / f"{provider}-{rep}"
             cmd = [sys.executable, "-m", "vlscale.cli", "shards", "build", str(dest), "--wds", "bench",
-                   str(tmp / "inputs" / "wds-*.tar"), "--shard-size", "8MB", "--workers", str(workers),
+                   str(self.tmp / "inputs" / "wds-*.tar"), "--shard-size", "8MB", "--workers", str(workers),
                    "--validate", validate, "--no-progress"]
-            n, wall, cpu = measure(lambda: run_build(cmd, dest))  # noqa: B023
-            assert n == len(items), (name, n)
-            out.setdefault(name, []).append((n, wall, cpu))
-            print(f"build {name:15s} {n / cpu:8.1f} pairs/CPU-s {n / wall:8.1f} pairs/s", flush=True)
-    identical = all((tmp / "build-workers1-0" / f.name).read_bytes() == f.read_bytes()
-                    for f in (tmp / "build-workers2-0").glob("*.arrow"))
-    return {"runs": out, "workers_1_and_2_identical": identical, "tars": len(tars)}
 
+            def run(cmd: list[str] = cmd, dest: Path = dest) -> int:
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                return json.loads((dest / "build_summary.json").read_text())["rows"]
 
-def bench_stream(items: list, tmp: Path, repeats: int) -> dict:
-    shards = tmp / "build-workers1-0"
-    upload(shards, "s3://bench/vlscale")
-    write_mds(items, tmp / "mds")
-    upload(tmp / "mds", "s3://bench/mds")
-    write_litdata(items, tmp / "lit")
-    upload(tmp / "lit", "s3://bench/lit")
-    tokenizer = load_tokenizer()
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for rep in range(repeats):
-        runs = {
-            "vlscale local disk": lambda: read_vlscale(str(shards)),
-            "vlscale S3": lambda: read_vlscale("s3://bench/vlscale"),
-            "mosaicml-streaming S3": lambda: read_mds("s3://bench/mds", tempfile.mkdtemp(dir=tmp)),
-            "litdata S3": lambda: read_litdata("s3://bench/lit", tempfile.mkdtemp(dir=tmp)),
+            self.counted(provider, rep, run, expect=len(items))
+
+    def stream(self, shards: Path, tokenizer: Any, rep: int) -> None:
+        readers = {
+            "vlscale_disk": lambda: read_vlscale(str(shards)),
+            "vlscale_s3": lambda: read_vlscale("s3://bench/vlscale"),
+            "mds_s3": lambda: read_mds("s3://bench/mds", tempfile.mkdtemp(dir=self.tmp)),
+            "litdata_s3": lambda: read_litdata("s3://bench/lit", tempfile.mkdtemp(dir=self.tmp)),
         }
-        for name, fn in runs.items():  # interleaved: the machine's load hits every reader alike
-            n, wall, cpu = measure(fn)
-            assert n == len(items), (name, n)
-            out.setdefault(name, []).append((n, wall, cpu))
-            print(f"stream {name:24s} {n / cpu:9.1f} samples/CPU-s {n / wall:9.1f} samples/s", flush=True)
-        for where, loc in (("local disk", str(shards)), ("S3", "s3://bench/vlscale")):
+        for provider, fn in readers.items():  # interleaved: the machine's load hits every reader alike
+            if provider in self.providers:
+                self.counted(provider, rep, fn, expect=self.images)
+        for provider, loc in (("pipeline_disk", str(shards)), ("pipeline_s3", "s3://bench/vlscale")):
+            if provider not in self.providers:
+                continue
             loader = build_loader(loc, tokenizer=tokenizer, image_size=224, train=True, batch_size=64,
                                   num_workers=0, seed=rep, drop_last=False, max_length=32, rank=0, world_size=1)
-            _, cpu_rate, n = time_epoch(loader)
-            out.setdefault(f"vlscale full pipeline, {where}", []).append((n, n / cpu_rate, n / cpu_rate))
-            print(f"stream full pipeline {where:10s} {cpu_rate:9.1f} samples/CPU-s", flush=True)
-    return {"runs": out}
+            rate, cpu_rate, n = time_epoch(loader)
+            if n != self.images:
+                self.rec.failures.append(f"{provider} ({self.images} images): {n} samples")
+            self.row(provider, rep, samples=n, samples_per_s=rate, samples_per_cpu_s=cpu_rate)
 
 
-def bench_startup(tmp: Path, n_shards: int, repeats: int) -> dict:
+def prepare_stream(run: Run, items: list, shards: Path) -> None:
+    """The same samples in every reader's own format, uploaded to the endpoint."""
+    upload(shards, "s3://bench/vlscale")
+    if "mds_s3" in run.providers:
+        write_mds(items, run.tmp / "mds")
+        upload(run.tmp / "mds", "s3://bench/mds")
+    if "litdata_s3" in run.providers:
+        write_litdata(items, run.tmp / "lit")
+        upload(run.tmp / "lit", "s3://bench/lit")
+
+
+def bench_startup(rec: harness.Recorder, providers: list[str], tmp: Path, n_shards: int, reps: int) -> None:
     small, bare = tmp / "small", tmp / "small-bare"
     image = make_images(1, side=32)[0][1]
     with ShardWriter(small, "tiny", target_shard_bytes=1, rows_per_batch=2) as w:  # one row per shard
@@ -209,94 +234,156 @@ def bench_startup(tmp: Path, n_shards: int, repeats: int) -> dict:
     upload(bare, "s3://bench/small-bare")
     finalize(str(small))  # manifest.json
     upload(small, "s3://bench/small")
-    places = {"local disk, no manifest": str(bare), "local disk, manifest": str(small),
-              "S3, no manifest": "s3://bench/small-bare", "S3, manifest": "s3://bench/small"}
-    out: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for name, loc in places.items():
+    places = {"startup_disk": str(bare), "startup_disk_manifest": str(small), "startup_s3": "s3://bench/small-bare",
+              "startup_s3_manifest": "s3://bench/small"}
+    for rep in range(reps):
+        for provider, loc in places.items():
+            if provider not in providers:
+                continue
             t0 = time.perf_counter()
-            index = ShardIndex(loc)
+            found = len(ShardIndex(loc).paths)
             took = time.perf_counter() - t0
-            assert len(index.paths) == n_shards
-            out.setdefault(name, []).append(took)
-            print(f"start-up {name:24s} {took:7.2f} s", flush=True)
-    return {"shards": n_shards, "seconds": out}
+            if found != n_shards:
+                rec.failures.append(f"{provider}: {found} shards indexed, expected {n_shards}")
+            rec.add({"section": "startup", "provider": provider, "label": LABEL[provider], "shards": n_shards,
+                     "repeat": rep, "status": "ok", "seconds": took})
+
+
+def available(providers: list[str], rec: harness.Recorder) -> list[str]:
+    """The providers that can run here; a missing peer is recorded as skipped with the reason."""
+    out = []
+    for p in providers:
+        module = PEERS.get(p)
+        if module is not None:
+            try:
+                __import__(module)
+            except Exception as exc:  # any import failure means "not installed here"
+                rec.add({"section": SECTION_OF[p], "provider": p, "label": LABEL[p], "status": "skipped",
+                         "note": f"{module} not importable ({type(exc).__name__}: {exc})"[:200]})
+                continue
+        out.append(p)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    harness.add_arguments(p, sizes="1000", providers=",".join(PROVIDERS), reps=3)
+    p.add_argument("--image-side", type=int, default=256, help="JPEGs' short side in px")
+    p.add_argument("--startup-shards", type=int, default=500, help="small shards of the start-up section")
+    args = p.parse_args(argv)
+    if harness.parse_modes(args.modes) != ["full"]:
+        p.error("a pass over the data is the only mode: --modes full")
+    unknown = set(harness.parse_list(args.providers)) - set(PROVIDERS)
+    if unknown:
+        p.error(f"unknown provider(s) {sorted(unknown)}: choose among {', '.join(PROVIDERS)}")
+    if args.smoke:
+        args.sizes, args.reps, args.image_side, args.startup_shards = "24", 1, 64, 12
+    args.memory = "off"  # what this measures is time per sample; memory is the loaders' own business
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--image-side", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--startup-shards", type=int, default=2000)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    load = {"before": os.getloadavg()}
+    rec = harness.Recorder("data_io", args, torch.device("cpu"), stem="data_io_smoke" if args.smoke else "data_io")
+    providers = available(harness.parse_list(args.providers), rec)
+    rec.summary["peer_versions"] = _peer_versions()
     server, _ = start_s3()
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
-            tmp = Path(tmp_name)
-            items = make_images(args.images, side=args.image_side)
-            result = {"build": bench_build(items, tmp, args.repeats), "stream": bench_stream(items, tmp, args.repeats),
-                      "startup": bench_startup(tmp, args.startup_shards, args.repeats)}
+            root = Path(tmp_name)
+            tokenizer = load_tokenizer()
+            for size in harness.parse_list(args.sizes, int):
+                tmp = root / f"n{size}"
+                run = Run(rec, providers, size, tmp)
+                items = make_images(size, side=args.image_side)
+                shards, _ = write_inputs(items, tmp / "inputs", num_tars=8)
+                prepare_stream(run, items, shards)
+                rec.summary.setdefault("mean_jpeg_bytes", {})[str(size)] = sum(len(x[1]) for x in items) / size
+                for rep in range(args.reps):
+                    run.build(items, rep)
+                    run.stream(shards, tokenizer, rep)
+                if {"build_w1", "build_w2"} <= set(providers):
+                    identical = all((tmp / "build_w1-0" / f.name).read_bytes() == f.read_bytes()
+                                    for f in (tmp / "build_w2-0").glob("*.arrow"))
+                    rec.summary.setdefault("build_w1_w2_identical", {})[str(size)] = identical
+                    if not identical:
+                        rec.failures.append(f"{size} images: --workers 1 and 2 wrote different shards")
+            if any(SECTION_OF[p] == "startup" for p in providers):
+                bench_startup(rec, providers, root, args.startup_shards, args.reps)
     finally:
         server.kill()
         server.wait()
-    load["after"] = os.getloadavg()
-    import litdata
-    import streaming
-
-    env = {**environment(), "mosaicml-streaming": streaming.__version__, "litdata": litdata.__version__}
-    run = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": env,
-           "load_average": load, "config": {**vars(args), "out": str(args.out),
-                                            "mean_jpeg_bytes": sum(len(x[1]) for x in items) / len(items)},
-           "results": result}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_io.json").write_text(json.dumps({"benchmark": "data_io", "runs": [run]}, indent=1) + "\n")
-    (args.out / "data_io.md").write_text("\n".join(render(run)) + "\n")
-    return 0
+    plots = [dict(name="cpu", x="images", y="samples_per_cpu_s", series=("provider",), ylabel="samples / CPU-s",
+                  title="work per sample vs size (build, stream)")]
+    rec.write(to_markdown, plots)
+    return rec.exit_code
 
 
-def _median_rates(runs: list) -> tuple[float, float]:
-    return (statistics.median(n / cpu for n, _, cpu in runs), statistics.median(n / wall for n, wall, _ in runs))
+def _peer_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("pyarrow", "mosaicml-streaming", "litdata", "moto", "boto3"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
-def render(run: dict) -> list[str]:
-    res, cfg, env = run["results"], run["config"], run["environment"]
-    lines = ["# Data at scale: build, stream from object storage, start-up (CPU)", "",
-             f"{run['timestamp']} · {env['cpu']}, {env['cores']} cores (shared) · load average before "
-             f"{', '.join(f'{x:.1f}' for x in run['load_average']['before'])}, after "
-             f"{', '.join(f'{x:.1f}' for x in run['load_average']['after'])}",
-             f"pyarrow {env['pyarrow']}, torch {env['torch']}, mosaicml-streaming {env['mosaicml-streaming']}, "
-             f"litdata {env['litdata']} · {cfg['images']} JPEGs at {cfg['image_side']} px short side "
-             f"(mean {cfg['mean_jpeg_bytes'] / 1024:.0f} KiB) · medians of {cfg['repeats']} repeats",
-             "", "Command: `.venv/bin/python benchmarks/bench_data_io.py " +
-             f"--images {cfg['images']} --repeats {cfg['repeats']} --startup-shards {cfg['startup_shards']}`", "",
-             "## Build (`vlscale shards build`, 8 webdataset tars)", "", "| run | pairs / CPU-s | pairs / s (wall) |",
-             "| --- | --- | --- |"]
-    for name, runs in res["build"]["runs"].items():
-        cpu, wall = _median_rates(runs)
-        lines.append(f"| {name} | {cpu:.0f} | {wall:.0f} |")
-    lines += ["", f"`--workers 1` and `--workers 2` shards byte-identical: {res['build']['workers_1_and_2_identical']}.",
-              "CPU-seconds: the CLI process and its worker processes (spawned; ~0.3 CPU-s of imports each, once "
-              "per build). The machine has 2 cores shared with other jobs, so 2 workers cannot double the "
-              "wall-clock rate here.",
-              "", "## Streaming (one pass; the S3 endpoint is moto's server on localhost, in another process)", "",
-              "| reader | samples / CPU-s | samples / s (wall) |", "| --- | --- | --- |"]
-    for name, runs in res["stream"]["runs"].items():
-        cpu, wall = _median_rates(runs)
-        lines.append(f"| {name} | {cpu:.0f} | {wall:.0f} |" if "full" not in name else f"| {name} | {cpu:.0f} | – |")
-    lines += ["", "Reader rows: key + image bytes + caption of every sample, no decode. mosaicml-streaming and "
-              "litdata download whole shards / chunks into a fresh local cache (their design); vlscale reads each "
-              "record batch with one range GET (read-ahead 8). Full pipeline: vlscale's decode + crop to 224 + "
-              "tokenize + collate, batch 64, in-process.", "",
-              f"## Start-up: loader index over {res['startup']['shards']} small shards", "",
-              "| where | seconds |", "| --- | --- |"]
-    for name, secs in res["startup"]["seconds"].items():
-        lines.append(f"| {name} | {statistics.median(secs):.2f} |")
-    return lines
+def _medians(rows: list[dict], key: str) -> dict[tuple[str, Any], float]:
+    groups: dict[tuple[str, Any], list[float]] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            groups.setdefault((r["provider"], r.get("images", r.get("shards"))), []).append(r[key])
+    return {k: statistics.median(v) for k, v in groups.items()}
+
+
+def to_markdown(rec: dict[str, Any]) -> str:
+    cfg, s, rows = rec["config"], rec["summary"], rec["rows"]
+    lines = harness.md_header(rec, "Data at scale: build, stream from object storage, start-up (CPU)")
+    peers = ", ".join(f"{k} {v}" for k, v in s.get("peer_versions", {}).items() if v)
+    lines += [f"**The machine is a shared {rec['cpu_count']}-core CPU** (other sessions' jobs ran beside these measurements: see the "
+              "load average above): samples per CPU-second — the work per sample — is the contention-robust "
+              "measure; wall-clock rates are noisy.", "",
+              f"{peers}. JPEGs at {cfg['image_side']} px short side (mean "
+              + ", ".join(f"{float(v) / 1024:.0f} KiB at {k}" for k, v in s.get("mean_jpeg_bytes", {}).items())
+              + f"); medians of {cfg['reps']} repeats, providers interleaved.", ""]
+    cpu, wall = _medians(rows, "samples_per_cpu_s"), _medians(rows, "samples_per_s")
+    sizes = sorted({r["images"] for r in rows if "images" in r and r.get("status") == "ok"})
+    for section, title in (("build", "Build (`vlscale shards build`, 8 webdataset tars; pairs)"),
+                           ("stream", "Streaming (one pass; S3 = moto's server on localhost, in another process)")):
+        names = [p for p in SECTIONS[section] if any(k[0] == p for k in cpu)]
+        if not names:
+            continue
+        lines += [f"## {title}", "", "| provider | " + " | ".join(f"{n:,} images: per CPU-s / per s" for n in sizes)
+                  + " |", "|---|" + "---:|" * len(sizes)]
+        for p in names:
+            cells = [f"{cpu[(p, n)]:,.0f} / " + (f"{wall[(p, n)]:,.0f}" if wall.get((p, n)) else "–")
+                     if (p, n) in cpu else "–" for n in sizes]
+            lines.append(f"| {LABEL[p]} (`{p}`) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "build_w1_w2_identical" in s:
+        same = ", ".join(f"{'yes' if v else 'NO'} at {int(k):,} images" for k, v in s["build_w1_w2_identical"].items())
+        lines += [f"`--workers 1` and `--workers 2` shards byte-identical: {same}. Build "
+                  "CPU-seconds: the CLI process and its spawned workers (each pays its imports and start-up once per "
+                  "build); on 2 shared cores 2 workers cannot double the wall-clock rate.", ""]
+    lines += ["Stream rows: key + image bytes + caption of every sample, no decode. mosaicml-streaming and litdata "
+              "download whole shards / chunks into a fresh local cache (their design); vlscale reads each record batch "
+              "with one range GET (read-ahead 8). Full pipeline: vlscale's decode + crop to 224 + tokenize + collate, "
+              "batch 64, in-process (CPU-seconds of the whole epoch; samples / s after the first batch).", ""]
+    secs = _medians(rows, "seconds")
+    if secs:
+        shards = next(r["shards"] for r in rows if "shards" in r)
+        lines += [f"## Start-up: the loader's index over {shards:,} small shards", "", "| where | seconds |", "|---|---:|"]
+        lines += [f"| {LABEL[p]} | {v:.2f} |" for (p, _), v in secs.items()] + [""]
+    skipped = [f"- `{r['provider']}`: {r['note']}" for r in rows if r.get("status") == "skipped"]
+    if skipped:
+        lines += ["Skipped:", "", *skipped, ""]
+    lines += [f"![{p}]({p})" for p in rec.get("plots", [])] + ["", *rec["notes"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 # 8 minutes on one H100/H200, with no network. Writes JSON + markdown into OUT_DIR:
 #
 #   env/env.json                 device, versions, measured bf16 / fp16 / fp32 matmul TFLOP/s
+#   compile/compile.json         the torch.compile'd loss backend ("compiled") compiled once per dtype,
+#                                timed; a dtype that does not compile in its time is left out of the
+#                                later steps (which then reuse the compiler's on-disk caches)
 #   kernels/kernels_<dtype>.*    every registered loss backend compiled for real, against float64
 #                                (bf16, fp16, fp32; odd sizes; loss, both gradients, the temperature
 #                                gradient; thresholds that fail the step)
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --archive) ARCHIVE="$2"; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) OUT="$1" ;;
   esac
   shift
@@ -50,6 +53,16 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 note() { printf '[gpu_check %3ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+# "--exclude compiled" unless the compile step compiled the loss's compiled backend for dtype $1:
+# a backend that did not compile within its own limit must not spend another step's time compiling.
+exclude_uncompiled() {
+  "$PY" -c 'import json, sys
+try:
+    ok = json.load(open(sys.argv[1]))["dtypes"][sys.argv[2]]["status"] == "ok"
+except (OSError, KeyError, ValueError):
+    ok = False
+print("" if ok else "--exclude compiled")' "$OUT/compile/compile.json" "$1"
+}
 record() {  # name status seconds note
   "$PY" -c 'import json,sys; print(json.dumps({"step": sys.argv[1], "status": sys.argv[2], "seconds": float(sys.argv[3]), "note": sys.argv[4]}))' \
     "$1" "$2" "$3" "$4" >> "$STEPS"
@@ -111,7 +124,8 @@ if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""
   note "dry run: CPU, toy sizes, Triton in its interpreter"
   run_step env 120 "$PY" "$B/harness.py" env --out "$OUT/env" --device cpu
-  # The plumbing, not every backend: a torch.compile'd provider would spend its compile time here.
+  run_step compile 240 "$PY" "$B/bench_contrastive_loss.py" --device cpu --warm-compile fp32 --out "$OUT/compile"
+  # The plumbing, not every backend (the compiled one was timed by the compile step).
   run_step kernels 240 "$PY" "$B/bench_contrastive_loss.py" --device cpu --dtype fp32 --sizes 7,33 --dims 32 \
     --providers naive,chunked,triton,reference --check-only --stem kernels_fp32 --out "$OUT/kernels"
   run_step loss 240 "$PY" "$B/bench_contrastive_loss.py" --device cpu --dtype fp32 --sizes 48 --dims 256 \
@@ -123,12 +137,15 @@ else
   # Most telling first: when the time budget runs out, the later steps are skipped (and say so).
   kernels() {
     run_step "kernels_$1" 75 "$PY" "$B/bench_contrastive_loss.py" --dtype "$1" --sizes 7,127,1000,4097 \
-      --dims 64,512,768 --check-only --stem "kernels_$1" --out "$OUT/kernels"
+      --dims 64,512,768 --check-only --stem "kernels_$1" --out "$OUT/kernels" $(exclude_uncompiled "$1")
   }
   run_step env 60 "$PY" "$B/harness.py" env --out "$OUT/env"
+  # torch.compile of the compiled backend (the V100 path) for every dtype, once, in its own limit:
+  # ~20-60 s cold per dtype; the kernels and loss steps then hit the caches (or leave it out).
+  run_step compile 150 "$PY" "$B/bench_contrastive_loss.py" --warm-compile bf16,fp16,fp32 --out "$OUT/compile"
   kernels bf16
   run_step loss 180 "$PY" "$B/bench_contrastive_loss.py" --dtype bf16 --sizes 8192,32768,262144 --dims 512 \
-    --reps 3 --check-max 8192 --out "$OUT/loss"
+    --reps 3 --check-max 8192 --out "$OUT/loss" $(exclude_uncompiled bf16)
   run_step memory 200 "$PY" "$B/harness.py" vlscale memory measure --recipe zerovl-v100 \
     train.global_batch_size=1048576 --simulate-world-size 8 --memory-cap 32GiB --out "$OUT/memory"
   run_step gradcache 90 "$PY" "$B/bench_gradcache.py" --sizes 512 --chunk 256 --reps 3 \

@@ -1,6 +1,6 @@
 """The summary of ``benchmarks/gpu_check.sh``: ``gpu_check.json`` and ``gpu_check.md`` from its steps' files.
 
-Reads ``steps.jsonl`` (status and time of every step), ``env/env.json``, ``kernels/*.json``,
+Reads ``steps.jsonl`` (status and time of every step), ``env/env.json``, ``compile/compile.json``, ``kernels/*.json``,
 ``loss/contrastive_loss_*.json``, ``gradcache/bench_gradcache.json`` and ``memory/report.json``
 when they exist; a step that failed, timed out or was skipped is reported as such with its note —
 never as a number. Exit status 1 when any step failed or timed out (a skipped optional piece is not
@@ -79,7 +79,8 @@ def build(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()] \
         if (out / "steps.jsonl").exists() else []
     return {"dry_run": args.dry_run, "budget_s": args.budget, "elapsed_s": args.elapsed, "notes": args.note,
-            "steps": steps, "env": _load(out / "env" / "env.json"), "kernels": _kernel_summary(out),
+            "steps": steps, "env": _load(out / "env" / "env.json"),
+            "compile": (_load(out / "compile" / "compile.json") or {}).get("dtypes"), "kernels": _kernel_summary(out),
             "loss": _loss_summary(out), "gradcache": _gradcache_summary(out), "memory": _memory_summary(out),
             "ok": all(s["status"] in ("ok", "skipped") for s in steps)}
 
@@ -99,6 +100,11 @@ def to_markdown(s: dict[str, Any]) -> str:
               for x in s["steps"]]
     rates = env.get("matmul_tflops") or {}
     lines += ["", "## Matmul rates (measured)", "", *(f"- {k}: {_f(v)} TFLOP/s" for k, v in rates.items())]
+    if s.get("compile"):
+        lines += ["", "## torch.compile of the compiled loss backend", "", "| dtype | status | compile s | then s per call |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {dt} | {c['status']}{': ' + c['note'] if c.get('note') else ''} | {_f(c.get('compile_s'), '.1f')} | "
+                  f"{_f(c.get('second_s'), '.3f')} |" for dt, c in s["compile"].items()]
     lines += ["", "## Kernels against float64", "", "| dtype | cases | providers | worst rel. error (loss / dI / dT / ds) "
               "| failures |", "|---|---:|---|---|---|"]
     for dt, k in s["kernels"].items():

@@ -33,6 +33,7 @@ import harness  # sibling script (benchmarks/ is no package)
 harness.ensure_vlscale_importable()
 from vlscale.memory import GIB, MIB, MemoryTracker, deepspeed_bucket_bytes, max_global_batch, predict_memory  # noqa: E402
 from vlscale.memory.towers import (  # noqa: E402
+    chunk_cost,
     count_params,
     measure_activation_cost,
     meta_dual_encoder,
@@ -51,6 +52,8 @@ TINY = dict(vision_model="vit_tiny_patch16_224", vision_kwargs={"patch_size": 8,
 # as given instead of building the model).
 BIG_PARAMS = 195_476_737
 ANCHOR_ACT = 83 * MIB  # ANCHORS.md "Tower costs": ViT-B/16 + BERT-base, bf16 autocast, text length 32
+# BERT-base's word embedding (30,522 × 768): its dense fp16 gradient is the backward's largest transient.
+BIG_WORD_EMBEDDING = 30_522 * 768
 V100 = 32 * GIB
 TARGET = 30 * GIB
 # A pair's inputs on the device: fp32 pixels as the loader yields them + token ids and mask (int64).
@@ -63,22 +66,23 @@ def _only(keys: tuple[str, ...], make: Any) -> Any:
 
 def recipes(params: int) -> list[dict[str, Any]]:
     """The configurations of interest (8 × V100-32GB, fp16)."""
-    common = dict(params=params, world_size=8, precision="fp16", embed_dim=512,
-                  act_bytes_per_pair=ANCHOR_ACT, input_bytes_per_pair=INPUT_BYTES, loss_block=(1024, 4096))
-    z2 = dict(zero_stage=2, engine_buffer_bytes=deepspeed_bucket_bytes(2, "fp16"))
+    common = dict(params=params, world_size=8, precision="fp16", embed_dim=512, act_bytes_per_pair=ANCHOR_ACT,
+                  input_bytes_per_pair=INPUT_BYTES, gpu_sms=80, grad_transient_bytes=2 * BIG_WORD_EMBEDDING)
+    # DeepSpeed ZeRO-2 copies each gradient into its reduce bucket (the transient at every backward).
+    z2 = dict(zero_stage=2, engine_buffer_bytes=deepspeed_bucket_bytes(2, "fp16"), grads_copied=True)
     # ZeroVL: plain data parallel, 16 accumulation chunks of 1,024 pairs over 8 GPUs = 128 per rank.
     zerovl = dict(zero_stage=0, global_batch=16_384)
     out = [
         ("ZeroVL 16k, gradient cache (128/rank), naive loss", {**zerovl, "chunk": 128, "loss_impl": "naive"}),
         ("ZeroVL 16k, no gradient cache, naive loss", {**zerovl, "chunk": None, "loss_impl": "naive"}),
-        ("vlscale 1M, ZeRO-2, gradient cache 256, fused loss", {**z2, "global_batch": 2**20, "chunk": 256,
-                                                              "loss_impl": "triton"}),
-        ("vlscale 1M, ZeRO-2, gradient cache 256, chunked loss (V100)", {**z2, "global_batch": 2**20,
-                                                                       "chunk": 256, "loss_impl": "chunked"}),
+        ("vlscale 1M, ZeRO-2, gradient cache 256, compiled loss (auto on V100)",
+         {**z2, "global_batch": 2**20, "chunk": 256, "loss_impl": "compiled"}),
+        ("vlscale 1M, ZeRO-2, gradient cache 256, eager chunked loss (compile fallback)",
+         {**z2, "global_batch": 2**20, "chunk": 256, "loss_impl": "chunked"}),
         ("vlscale 1M, ZeRO-2, gradient cache 256, naive loss", {**z2, "global_batch": 2**20, "chunk": 256,
                                                               "loss_impl": "naive"}),
-        ("vlscale 1M, ZeRO-2, no gradient cache, fused loss", {**z2, "global_batch": 2**20, "chunk": None,
-                                                             "loss_impl": "triton"}),
+        ("vlscale 1M, ZeRO-2, no gradient cache, compiled loss", {**z2, "global_batch": 2**20, "chunk": None,
+                                                                "loss_impl": "compiled"}),
     ]
     return [{"name": name, **common, **kw} for name, kw in out]
 
@@ -115,15 +119,15 @@ def _chunk_cost(costs: dict[str, dict[str, float]], rows: int | None) -> dict[st
     if rows is None:
         return {"act_bytes_per_pair": sum(c["per_row"] for c in costs.values()),
                 "act_fixed_bytes": max(c["fixed"] for c in costs.values())}
-    top = max(costs.values(), key=lambda c: c["fixed"] + rows * c["per_row"])
-    return {"act_bytes_per_pair": top["per_row"], "act_fixed_bytes": top["fixed"],
+    per_row, fixed = chunk_cost(costs, rows)
+    return {"act_bytes_per_pair": per_row, "act_fixed_bytes": fixed,
             "nograd_act_bytes_per_row": max(c["nograd_per_row"] for c in costs.values())}
 
 
 def validate_cpu(quick: bool) -> dict[str, Any]:
     """Measured (live tensor bytes) vs predicted peaks of a tiny dual encoder's rank-0 step.
 
-    ``quick`` (tests): only the loss phase at one batch size per loss, no towers.
+    ``quick`` (tests): only the loss phase at one batch size of the eager losses, no towers.
     """
     if quick:
         return {"cases": validate_loss_phase(quick)}
@@ -138,6 +142,7 @@ def validate_cpu(quick: bool) -> dict[str, Any]:
     costs = tower_costs(model, make, dtype=None, sizes=(8, 24), measure=True)
     # torch's single-tensor Adam makes two temporaries the size of the parameter it updates.
     largest = max(p.numel() for p in model.parameters()) * 4
+    table = max(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)) * 4
     world, chunk, batch = 4, 32, 256
     cases = [("chunked", chunk), ("naive", chunk), ("chunked", None), ("naive", None)]
     rows = []
@@ -155,6 +160,7 @@ def validate_cpu(quick: bool) -> dict[str, Any]:
         est = predict_memory(params=params, world_size=world, zero_stage=0, precision="fp32", global_batch=batch,
                              chunk=ch, embed_dim=TINY["embed_dim"], loss_impl=impl,
                              input_bytes_per_pair=3 * 32 * 32 * 4 + 16 * 8, step_transient_bytes=2 * largest,
+                             grad_transient_bytes=table, grads_persistent=True,  # run_rank_step keeps them
                              **_chunk_cost(costs, ch))
         pred = est.phase_bytes()
         rows.append({"what": "step", "loss_impl": impl, "chunk": ch, "global_batch": batch, "world_size": world,
@@ -187,26 +193,50 @@ def validate_simulated_rank() -> dict[str, Any]:
                                             for p, m in result["measured"]["phases"].items()}}
 
 
+def allocated_peak(fn: Any) -> int:
+    """Peak bytes allocated by ``fn()`` above what was live before, from torch's profiler memory events
+    (the ``tensors`` backend's dispatch mode cannot run inside torch.compile'd code)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def validate_loss_phase(quick: bool) -> list[dict[str, Any]]:
-    """The loss phase alone at batches where its O(B·D) and O(B_local·B) terms dominate."""
+    """The loss phase alone at batches where its O(B·D) and O(B_local·B) terms dominate: exact
+    tensor bytes for the eager backends, the profiler's allocation events for the compiled one."""
     from vlscale.memory.workload import contrastive_step_loss
 
     world, dim = 4, 64
-    sizes = [(impl, b) for impl in ("chunked", "naive") for b in (2048, 8192)]
+    sizes = [(impl, b) for impl in ("chunked", "compiled", "naive") for b in (2048, 8192)]
+
+    def step(impl: str, batch: int) -> None:
+        img, txt = (torch.nn.functional.normalize(torch.randn(batch // world, dim), dim=-1).requires_grad_()
+                    for _ in range(2))
+        scale = torch.full((1,), 20.0, requires_grad=True)
+        contrastive_step_loss(img, txt, scale, global_batch=batch, impl=impl).backward()
+
     out = []
-    for impl, batch in sizes[::2] if quick else sizes:
-        tracker = MemoryTracker("cpu", backend="tensors")
-        with tracker.tracking(), tracker.phase("loss"):
-            img, txt = (torch.nn.functional.normalize(torch.randn(batch // world, dim), dim=-1).requires_grad_()
-                        for _ in range(2))
-            scale = torch.full((1,), 20.0, requires_grad=True)
-            contrastive_step_loss(img, txt, scale, global_batch=batch, impl=impl).backward()
-            del img, txt, scale
+    for impl, batch in [("chunked", 2048), ("naive", 2048)] if quick else sizes:
+        if impl == "compiled":
+            step(impl, 2 * world)  # compile outside the measurement (dynamic shapes: no recompilation)
+            meas, method = allocated_peak(lambda: step(impl, batch)), "profiler"  # noqa: B023
+        else:
+            tracker = MemoryTracker("cpu", backend="tensors")
+            with tracker.tracking(), tracker.phase("loss"):
+                step(impl, batch)
+            meas, method = tracker.records[0].peak_bytes, "tensors"
         est = predict_memory(params=1, world_size=world, zero_stage=0, precision="fp32", global_batch=batch,
                              chunk=batch // world, embed_dim=dim, act_bytes_per_pair=0.0, loss_impl=impl)
-        pred = est.phase_bytes()["loss"] - est.components["model states"]
-        meas = tracker.records[0].peak_bytes
-        out.append({"what": "loss phase", "loss_impl": impl, "chunk": "-", "global_batch": batch,
+        pred = est.phase_bytes()["loss"] - est.components["parameters"] - est.components["optimizer states"]
+        out.append({"what": f"loss phase ({method})", "loss_impl": impl, "chunk": "-", "global_batch": batch,
                     "world_size": world, "phases": {"loss": {"measured": meas, "predicted": pred,
                                                              "ratio": meas / pred}}})
     return out

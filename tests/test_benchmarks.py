@@ -141,7 +141,44 @@ def test_a_wrong_provider_fails_the_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert row["check"] == "FAIL" and "FAILED thresholds" in (tmp_path / "contrastive_loss_cpu.md").read_text()
 
 
-@pytest.mark.slow  # five Python processes, the Triton interpreter, a simulated rank: ~30-60 s
+def test_loss_bench_excludes_providers_and_warms_the_compiled_one() -> None:
+    bench = load("bench_contrastive_loss")
+    args = bench.parse_args(["--providers", "all", "--exclude", "compiled,reference", "--warm-compile", "bf16,fp32"])
+    assert harness.parse_list(args.exclude) == ["compiled", "reference"]
+    assert harness.parse_list(args.warm_compile) == ["bf16", "fp32"]
+
+
+def test_data_io_runs_on_the_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data-at-scale benchmark on the shared harness: one schema, a row per measurement, a missing
+    peer skipped with a note, and a reader that loses samples FAILS the run."""
+    bench = load("bench_data_io")
+    for key in ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.setenv(key, "restored-after-the-test")  # start_s3 points them at its endpoint
+    monkeypatch.setitem(sys.modules, "streaming", None)  # mosaicml-streaming "not installed"
+    real = bench.read_vlscale
+    monkeypatch.setattr(bench, "read_vlscale", lambda loc: real(loc) - loc.startswith("s3://"))  # loses one
+    threads = torch.get_num_threads()
+    try:
+        code = bench.main(["--smoke", "--out", str(tmp_path), "--providers",
+                           "build_w1,build_w2,vlscale_disk,vlscale_s3,mds_s3,pipeline_s3,startup_s3,startup_s3_manifest"])
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "data_io_smoke.json").read_text())
+    assert code == 1 and record["schema"] == harness.SCHEMA and record["load_avg_start"] is not None
+    assert record["failures"] == ["vlscale_s3 (24 images): 23 samples, expected 24"]
+    rows = {r["provider"]: r for r in record["rows"]}
+    assert rows["mds_s3"]["status"] == "skipped" and "streaming" in rows["mds_s3"]["note"]
+    for name in ("build_w1", "build_w2", "vlscale_disk", "pipeline_s3"):
+        assert rows[name]["status"] == "ok" and rows[name]["samples"] == 24 and rows[name]["samples_per_cpu_s"] > 0
+    assert rows["startup_s3_manifest"]["shards"] == 12 and rows["startup_s3_manifest"]["seconds"] > 0
+    assert record["summary"]["build_w1_w2_identical"] == {"24": True}
+    md = (tmp_path / "data_io_smoke.md").read_text()
+    assert f"shared {os.cpu_count()}-core CPU" in md and "| S3, manifest |" in md and "FAILED" in md
+    assert (tmp_path / "data_io_smoke_cpu.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # six Python processes, torch.compile, the Triton interpreter, a simulated rank: ~40-80 s
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check"
     env = dict(os.environ, PYTHON=sys.executable)
@@ -150,8 +187,10 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["ok"] and summary["dry_run"]
-    assert [s["step"] for s in summary["steps"]] == ["env", "kernels", "loss", "gradcache", "memory"]
+    assert [s["step"] for s in summary["steps"]] == ["env", "compile", "kernels", "loss", "gradcache", "memory"]
     assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
+    # The compiled loss backend is compiled once, in its own step, and timed.
+    assert summary["compile"]["fp32"]["status"] == "ok" and summary["compile"]["fp32"]["compile_s"] >= 0
     assert summary["kernels"]["fp32"]["cases"] >= 6 and not summary["kernels"]["fp32"]["failed"]
     infcl = [r for r in summary["loss"]["rows"] if r["provider"] == "infcl"]
     assert infcl and all(r["status"] == "skipped" for r in infcl)  # not installed here: skipped with a note

@@ -59,9 +59,10 @@ def test_parse_bytes_units_and_errors() -> None:
 
 
 def test_plan_inputs_by_hand_zerovl() -> None:
-    """ZeRO-2 fp16 on 8 ranks with a given activation cost: every input and the peak, by hand."""
+    """ZeRO-2 fp16 on 8 V100s with a given activation cost: every input and the peak, by hand."""
     cfg = load_recipe("zerovl-v100", ["train.global_batch_size=1048576"])
-    inp = planner.plan_inputs(cfg, world_size=8, gpu_memory=32 * GIB, act_mib_per_pair=83.0, allocator_slack=0.0)
+    inp = planner.plan_inputs(cfg, world_size=8, gpu_memory=32 * GIB, act_mib_per_pair=83.0, allocator_slack=0.0,
+                              device_kind="v100")
     psi = inp.params
     assert inp.zero_stage == 2 and inp.states_precision == "fp16" and inp.chunk == 256 and inp.gradient_cache
     assert inp.act_bytes_per_pair == 83 * MIB and inp.chunk_act_bytes_per_row < inp.act_bytes_per_pair
@@ -69,23 +70,51 @@ def test_plan_inputs_by_hand_zerovl() -> None:
     # fp32 pixels + int64 tokens and attention mask at the recipe's context length (ZeroVL: 25)
     assert cfg.model.context_length == 25
     assert inp.input_bytes_per_pair == 3 * 224 * 224 * 4 + 2 * 25 * 8
+    # loss.impl=auto on a V100 (sm_70, no Triton tensor cores): the compiled chunked tile.
+    assert cfg.loss.impl == "auto" and inp.fused_impl == "compiled" and inp.device_kind == "v100"
+    # BERT-base's word embedding, 30,522 × 768, gets a dense fp16 gradient copied into the bucket.
+    assert inp.grad_transient_bytes == 2 * 30522 * 768 and inp.grads_copied and not inp.grads_persistent
     est = planner.predict(inp, "fused_gradcache", 2**20)
     b_local, d = 2**20 // 8, 512
-    assert est.components["model states"] == pytest.approx(psi * (2 + 14 / 8))
-    assert est.components["gathered columns"] == 2**20 * d * 4
+    c = est.components
+    assert (c["parameters"], c["gradients"], c["optimizer states"]) == pytest.approx((2 * psi, 2 * psi / 8,
+                                                                                       12 * psi / 8))
+    assert c["gathered columns"] == 2**20 * d * 4
+    # One 2,048 × 8,192 tile in a loop of many: its fp32 S, its fp32 P and the previous P.
+    assert c["loss workspace"] == (4 + 4 + 4) * 2048 * 8192
+    assert c["embedding-gradient transient"] == 0  # the chunk's 20 GiB of activations are freed first
     reforward = (psi * (2 + 14 / 8) + 5e8 * 2 + 256 * inp.input_bytes_per_pair
                  + 256 * inp.chunk_act_bytes_per_row + 2 * b_local * d * 4)
     assert est.peak_phase == "reforward" and est.total == pytest.approx(reforward)
+    # The gradients exist from the backward to the step only: not in pass 1 nor the loss.
+    assert "gradients" not in est.phases["embed"] + est.phases["loss"]
+    h100 = planner.plan_inputs(cfg, world_size=8, gpu_memory=32 * GIB, act_mib_per_pair=83.0, device_kind="h100")
+    assert h100.fused_impl == "triton" and h100.gpu_sms == 132
+    with pytest.raises(ValueError, match="compute capability"):
+        planner.plan_inputs(cfg, world_size=8, gpu_memory=32 * GIB, fused_impl="triton", device_kind="v100")
 
 
 def test_plan_fsdp_and_local_engines() -> None:
     fsdp = planner.plan_inputs(load_recipe("fsdp2"), world_size=8, gpu_memory=80 * GIB)
     assert fsdp.zero_stage == 3 and fsdp.states_precision == "fp32" and fsdp.zero3_live_params > 0
     est = planner.predict(fsdp, "fused_gradcache", 32768)
-    assert est.components["model states"] == pytest.approx(model_state_bytes(fsdp.params, 8, 3, "fp32"))
+    c = est.components
+    assert c["parameters"] + c["gradients"] + c["optimizer states"] == pytest.approx(
+        model_state_bytes(fsdp.params, 8, 3, "fp32"))
+    # torch's single-tensor AdamW on the shards: sqrt(v) and its quotient of the largest shard
+    # (BERT-base's word embedding, 30,522 × 768, over 8 ranks).
+    assert fsdp.step_transient_bytes == 2 * 4 * -(-30522 * 768 // 8)
     local = planner.plan_inputs(load_recipe("tiny-cpu", ["engine.kind=local", "engine.zero_stage=0"]),
                                 world_size=2, gpu_memory=8 * GIB)
-    assert local.zero_stage == 0 and local.engine_buffer_bytes == 0 and local.step_transient_bytes == 4 * local.params
+    assert local.zero_stage == 0 and local.engine_buffer_bytes == 0
+    # The same on whole fp32 parameters: the largest is tiny-cpu's word embedding (30,522 × 128).
+    assert local.step_transient_bytes == 2 * 4 * 30522 * 128 and local.grad_transient_bytes == 4 * 30522 * 128
+    assert not local.grads_copied and not local.grads_persistent
+    # DeepSpeed (tiny-cpu: ZeRO-2, fp32, 2 ranks) steps each AdamW group as one flat fp32 partition:
+    # sqrt(v) and its quotient of the larger group's half — the no-decay group holding the 30,522 × 128
+    # word embedding, position and type embeddings, norms and biases: 3,985,025 elements.
+    ds = planner.plan_inputs(load_recipe("tiny-cpu"), world_size=2, gpu_memory=8 * GIB)
+    assert ds.step_transient_bytes == 8 * -(-3_985_025 // 2) and ds.grads_copied
 
 
 def test_plan_reads_deepspeed_offload(tmp_path: Path) -> None:
@@ -97,8 +126,10 @@ def test_plan_reads_deepspeed_offload(tmp_path: Path) -> None:
     assert inp.offload == "optimizer" and inp.engine_buffer_bytes == 1e7 * 2
     est = planner.predict(inp, "fused_gradcache", 16384)
     # ZeRO-2 fp16 with the fp32 master and Adam moments on the host: 2Ψ + 2Ψ/W on the device.
-    assert est.components["model states"] == pytest.approx(inp.params * (2 + 2 / 8))
-    assert est.components["optimizer step transient"] == 0
+    c = est.components
+    assert (c["parameters"], c["gradients"], c["optimizer states"]) == pytest.approx((2 * inp.params,
+                                                                                       2 * inp.params / 8, 0))
+    assert c["optimizer step transient"] == 0
 
 
 @pytest.mark.parametrize(("recipe", "world", "gpu"), [("zerovl-v100", 8, 32), ("fsdp2", 8, 80), ("tiny-cpu", 2, 8)])

@@ -2,7 +2,8 @@
 
 * :mod:`vlscale.memory.model` — per-rank prediction (ZeRO model states, one chunk's activations,
   O(B·D) embeddings, O(B) loss statistics, loss working buffers), peak over the phases of a step,
-  :func:`max_global_batch`.
+  :func:`max_global_batch`; :mod:`vlscale.memory.lossmem` — the loss backend a device kind runs and
+  its buffers; :mod:`vlscale.memory.techmem` — momentum contrast, hierarchical levels, MIM.
 * :mod:`vlscale.memory.tracker` — :class:`MemoryTracker` (peak per phase: CUDA allocator, sampled
   RSS, or exact live tensor bytes) for the training loop and the demo.
 * :mod:`vlscale.memory.towers` — parameter counts on the meta device and measured activation bytes.

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlscale.memory import lossmem
 from vlscale.memory import plan as planner
 from vlscale.memory import report as rep
 
@@ -40,8 +41,12 @@ def _common(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
                    help="memory outside PyTorch's allocator (CUDA context, workspaces); default 0.75GiB")
     p.add_argument("--allocator-slack", type=float, default=planner.DEFAULT_ALLOCATOR_SLACK,
                    help="allocator fragmentation as a fraction of the peak (default 0.05)")
-    p.add_argument("--fused-impl", choices=("triton", "chunked"), default=None,
-                   help="the fused loss on the target GPU (default: the recipe's loss.impl; auto → triton)")
+    p.add_argument("--fused-impl", choices=lossmem.FUSED_IMPLS, default=None,
+                   help="the fused loss backend (default: what the recipe's loss.impl runs as on the device)")
+    p.add_argument("--gpu", default=None, metavar="KIND",
+                   help=f"plan: the target GPU ({', '.join(k for k in lossmem.DEVICE_KINDS if k != 'cpu')}, "
+                        "or sm_XY[:SMS]); decides the loss backend loss.impl=auto runs (default: this machine's "
+                        f"GPU, else {lossmem.DEFAULT_KIND}). measure / report use the device they ran on")
     # Launchers append --local_rank=N; the rank comes from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -71,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_result(cfg: Any, args: argparse.Namespace, world_size: int, gpu_memory: float,
-                 tower_costs: dict | None = None) -> dict[str, Any]:
+                 device: Any = None) -> dict[str, Any]:
+    """The plan for ``--gpu`` (plan), or for the device a measurement ran on (``device``)."""
+    if device is not None:
+        kind: Any = lossmem.current_device_kind(device)
+    elif args.gpu is not None:
+        kind = lossmem.device_kind(args.gpu)
+    else:
+        import torch
+
+        kind = lossmem.current_device_kind("cuda") if torch.cuda.is_available() else None
     inputs = planner.plan_inputs(cfg, world_size=world_size, gpu_memory=gpu_memory,
                                  act_mib_per_pair=args.act_mib_per_pair, context_reserve=args.context_reserve,
-                                 allocator_slack=args.allocator_slack, fused_impl=args.fused_impl,
-                                 tower_costs=tower_costs)
+                                 allocator_slack=args.allocator_slack, fused_impl=args.fused_impl, device_kind=kind)
     return planner.plan(inputs)
 
 
@@ -122,7 +135,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     world = args.simulate_world_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = args.gpu_memory or args.memory_cap or measure.device_memory(device)
-    recipe_plan = _plan_result(cfg, args, world, gpu)  # validates the config before any model is built
+    recipe_plan = _plan_result(cfg, args, world, gpu, device)  # validates the config before any model is built
     snap = None if args.no_snapshot or device.type != "cuda" else out / "memory_snapshot.pickle"
     result = measure.measure_simulated(cfg, world_size=world, device=device, memory_cap=args.memory_cap,
                                        backend=args.backend, snapshot=snap)
@@ -175,7 +188,7 @@ def _from_memory_json(kind: str, cfg: Any, memory: dict[str, Any], args: argpars
     world = len(ranks)
     device = torch.device("cuda" if phases["backend"] == "cuda" else "cpu")
     gpu = args.gpu_memory or phases.get("device_total_bytes") or measure.device_memory(device, world)
-    result = _plan_result(cfg, args, world, float(gpu))
+    result = _plan_result(cfg, args, world, float(gpu), device)
     backend = phases["backend"]
     measured = {"backend": backend, "device": phases["device"], "phases": phases["phases"],
                 "absolute": backend == "cuda", "what": f"rank 0 of {world}, steps {phases['steps']}",

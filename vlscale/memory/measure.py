@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from vlscale.memory.lossmem import FUSED_IMPLS
 from vlscale.memory.model import GIB
 from vlscale.memory.tracker import MemoryTracker
 
@@ -194,17 +195,21 @@ def _dump_snapshot(path: Path) -> str | None:
 def simulated_plan_inputs(plan_inputs: Any, result: dict[str, Any]) -> Any:
     """The plan's inputs changed to what :func:`measure_simulated` runs: 16-bit (or fp32) weights,
     ZeRO-1-like states, no engine buffers, the measured tower costs and the loss it used."""
+    from vlscale.memory.towers import chunk_cost
+
     costs = result["tower_costs"]
+    per_row, fixed = chunk_cost(costs, min(plan_inputs.chunk, result["local_rows"]))
     spec = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(result["dtype"], "fp32")
     return dataclasses.replace(
         plan_inputs, zero_stage=1, states_precision=spec, engine_buffer_bytes=0.0, zero3_live_params=None,
         step_transient_bytes=4.0 * -(-plan_inputs.params // result["world_size"]),  # ShardedAdam's fp32 partition
         act_bytes_per_pair=sum(c["per_row"] for c in costs.values()),
-        chunk_act_bytes_per_row=max(c["per_row"] for c in costs.values()),
+        chunk_act_bytes_per_row=per_row, act_fixed_bytes=fixed,
         nograd_act_bytes_per_row=max(c["nograd_per_row"] for c in costs.values()),
-        act_fixed_bytes=max(c["fixed"] for c in costs.values()),
         act_source="measured on this device (two chunk sizes, fitted)",
-        fused_impl=result["loss_impl"] if result["loss_impl"] in ("triton", "chunked") else "chunked",
+        fused_impl=result["loss_impl"] if result["loss_impl"] in FUSED_IMPLS else "chunked",
+        # run_rank_step keeps the gradient buffers between steps (zeroed, not freed).
+        grads_copied=False, grads_persistent=True,
         notes=[*plan_inputs.notes, "simulated rank: 16-bit (or fp32) weights with ShardedAdam (ZeRO-1-like "
                f"states: full gradients, 1/{result['world_size']} of the fp32 master + moments), no DeepSpeed "
                "buckets, inputs generated per chunk"])

@@ -4,19 +4,24 @@ The model answers "does this configuration fit?" before any GPU time is spent. I
 one rank holds, component by component, and takes the peak over the phases of a step, because the
 components are not all alive at once:
 
+``keys``       momentum contrast only: the EMA update and the momentum copy's keys, chunk by chunk.
 ``embed``      gradient cache pass 1: chunks embedded without a graph; the local embeddings grow
                (chunk pieces plus their concatenation: 2× the local embeddings at the end).
 ``loss``       the loss over local rows × gathered columns and d(loss)/d(embeddings).
-``reforward``  pass 3: one chunk re-forwarded with a graph and back-propagated; the embeddings'
+``reforward``  pass 3: one chunk re-forwarded with a graph and back-propagated into the parameters'
+               gradients (created by this phase: every engine's step frees them); the embeddings'
                cached gradients are still referenced by the step (the embeddings themselves are
                dropped after the loss, as :class:`vlscale.gradcache.GradCache` does).
 ``fwd_bwd``    without gradient cache: activations of the whole local batch plus the loss.
-``step``       the optimizer step: model states plus the fp32 copy of this rank's gradient partition.
+``step``       the optimizer step: its temporaries over the states and the gradients.
 
 Model states follow the ZeRO paper (Rajbhandari et al., 2020) with Ψ parameters on W ranks:
 mixed-precision Adam holds 2Ψ (16-bit params) + 2Ψ (16-bit grads) + 12Ψ (fp32 master, momentum,
 variance); ZeRO-1 partitions the 12Ψ, ZeRO-2 the gradients too, ZeRO-3 everything. fp32 training
-holds 4Ψ + 4Ψ + 8Ψ and partitions the same way. All sizes are bytes; "GiB" is 2³⁰ bytes.
+holds 4Ψ + 4Ψ + 8Ψ and partitions the same way. They are three components (parameters, gradients,
+optimizer states) because the gradients live only from a step's backward to its optimizer step.
+The loss's components follow its backend (:mod:`vlscale.memory.lossmem`), the techniques add theirs
+(:mod:`vlscale.memory.techmem`). All sizes are bytes; "GiB" is 2³⁰ bytes.
 """
 
 from __future__ import annotations
@@ -25,22 +30,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vlscale.memory.lossmem import LOSS_IMPLS, loss_components
+from vlscale.memory.techmem import TechniqueMemory
+
 GIB = float(2**30)
 MIB = float(2**20)
-
-LOSS_IMPLS = ("triton", "chunked", "naive")
-
-# open_clip-style naive loss keeps, per direction, the B_local×B logits and the log-softmax that
-# cross-entropy saves for backward (2 × 2 copies); the backward's gradient buffers reuse memory the
-# forward copies free. Measured on CPU by benchmarks/memory_report.py (results/memory_model_cpu.md).
-NAIVE_LOGIT_COPIES = 4
-# The chunked torch backend's gradient pass holds the tile of S, the probability accumulator,
-# exp(S − lse) and its scaled product at once (4 fp32 tiles); measured the same way.
-CHUNKED_TILE_COPIES = 4
-# Row statistics (lse, coefficient, target logit) and column statistics (partial lse, merged lse,
-# coefficient, target logit), fp32 each.
-ROW_STATS, COL_STATS = 3, 4
-
 
 def fmt_bytes(n: float | None) -> str:
     """Bytes as GiB / MiB / KiB, whichever reads best."""
@@ -139,6 +133,24 @@ class MemoryEstimate:
     def fits(self, cap_bytes: float) -> bool:
         return self.total <= cap_bytes
 
+    def carried(self) -> dict[str, set[str]]:
+        """Per phase, the components alive when it starts (the rest is what the phase allocates):
+        those of the previous phase it keeps; for a step's first phase, what survives a step — the
+        parameters, optimizer states and technique state, the gradients when they persist. Gathered
+        ZeRO-3 parameters are released after each module, so they count as a phase's own."""
+        out: dict[str, set[str]] = {}
+        prev: list[str] | None = None
+        for phase, names in self.phases.items():
+            if prev is None:
+                kept = set(self.phases[list(self.phases)[-1]]) - {"optimizer step transient", "momentum keys"}
+                if not self.config.get("grads_persistent"):
+                    kept.discard("gradients")
+            else:
+                kept = set(prev)
+            out[phase] = (kept & set(names)) - {"zero-3 gathered params"}
+            prev = names
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"config": dict(self.config), "components": dict(self.components),
                 "phases": {p: list(c) for p, c in self.phases.items()}, "phase_bytes": self.phase_bytes(),
@@ -164,27 +176,12 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be a positive finite number, got {v!r}")
 
 
-def _loss_components(loss_impl: str, *, b: int, b_local: int, d: int, emb_bytes: int,
-                     loss_block: tuple[int, int], loss_workspace_bytes: float | None) -> dict[str, float]:
-    """Gathered columns, their gradient partials, O(B) statistics and the working buffers."""
-    if loss_impl == "naive":
-        # open_clip gathers both modalities and back-propagates into both gathered copies.
-        gathered, col_grads, stats = 2 * b * d * emb_bytes, 2 * b * d * 4, 0.0
-        work = NAIVE_LOGIT_COPIES * b_local * b * 4.0
-    else:
-        # Only the text columns are gathered; fp32 partials of dT are reduce-scattered.
-        gathered, col_grads = b * d * emb_bytes, b * d * 4
-        stats = (ROW_STATS * b_local + COL_STATS * b) * 4.0
-        if loss_impl == "chunked":
-            bm, bn = loss_block
-            work = CHUNKED_TILE_COPIES * min(bm, b_local) * min(bn, b) * 4.0
-        else:
-            # The fused kernel keeps its tiles on chip; only O(B) statistics reach memory.
-            work = 0.0
-    if loss_workspace_bytes is not None:
-        work = float(loss_workspace_bytes)
-    return {"gathered columns": float(gathered), "column grad partials": float(col_grads),
-            "loss statistics": float(stats), "loss workspace": float(work)}
+def state_bytes(params: int, world_size: int, zero_stage: int, precision: str | PrecisionSpec) -> dict[str, float]:
+    """:func:`model_state_bytes` split into parameters, gradients and optimizer states (per rank)."""
+    s, w = precision_spec(precision), float(world_size)
+    return {"parameters": params * s.param / (w if zero_stage == 3 else 1.0),
+            "gradients": params * s.grad / (w if zero_stage >= 2 else 1.0),
+            "optimizer states": params * s.optim / (w if zero_stage >= 1 else 1.0)}
 
 
 def predict_memory(
@@ -200,7 +197,7 @@ def predict_memory(
     loss_impl: str = "triton",
     emb_bytes: int = 4,
     input_bytes_per_pair: float = 0.0,
-    loss_block: tuple[int, int] = (1024, 4096),
+    loss_block: tuple[int, int] | None = None,
     loss_workspace_bytes: float | None = None,
     zero3_live_params: int | None = None,
     engine_buffer_bytes: float = 0.0,
@@ -208,6 +205,11 @@ def predict_memory(
     act_fixed_bytes: float = 0.0,
     step_transient_bytes: float | None = None,
     nograd_act_bytes_per_row: float = 0.0,
+    grad_transient_bytes: float = 0.0,
+    grads_copied: bool = False,
+    grads_persistent: bool = False,
+    gpu_sms: int = 132,
+    techniques: TechniqueMemory | None = None,
 ) -> MemoryEstimate:
     """Predict one rank's peak memory for one training step.
 
@@ -222,11 +224,12 @@ def predict_memory(
         act_bytes_per_pair: activation bytes of one row of a chunk for forward + backward (both
             towers; gradient cache runs the towers separately, so the larger tower's share is
             enough — the pair is a conservative bound).
-        loss_impl: "triton" (fused), "chunked" (torch tiles of ``loss_block``) or "naive" (logits).
+        loss_impl: "naive" (dense logits) or a fused backend: "triton", "triton-banded",
+            "triton-fused", "compiled", "chunked" (:mod:`vlscale.memory.lossmem`).
         emb_bytes: bytes per element of the embeddings handed to the loss (fp32 leaves: 4).
         input_bytes_per_pair: device bytes of one pair's inputs (pixels + tokens); the inputs of
             one chunk (gradient cache) or of the local batch (no cache) are counted.
-        loss_block: (rows, columns) of the chunked backend's tiles.
+        loss_block: (rows, columns) of the chunked / compiled backends' tiles (default: theirs).
         loss_workspace_bytes: override of the loss's working buffers (e.g. measured).
         zero3_live_params: parameters gathered at once under ZeRO-3 (default: DeepSpeed's
             prefetch bucket, 5·10⁷ elements, at most Ψ).
@@ -238,70 +241,105 @@ def predict_memory(
         step_transient_bytes: temporaries of the optimizer step. Default: the fp32 copy of the
             gradient partition this rank steps (``PrecisionSpec.step_grad`` bytes per parameter).
         nograd_act_bytes_per_row: transient peak per row of a no-grad forward (gradient cache pass 1).
+        grad_transient_bytes: the dense gradient of the largest embedding table (vocabulary × width
+            in the gradients' dtype). A backward makes it as a new tensor before adding it into the
+            accumulated gradient (or copying it into the engine's buffer); it is the last product of
+            its tower's backward, made once the chunk's activations are freed, so the phase holds
+            the larger of the two: the component is its excess over the activations.
+        grads_copied: the engine copies every gradient a backward produces into its own buffer
+            (DeepSpeed ZeRO 1–3): the transient occurs at every backward. Otherwise (local engine,
+            FSDP2) only when a gradient already exists, i.e. from a tower's second chunk on.
+        grads_persistent: the gradients' storage lives across steps (DeepSpeed ZeRO-3's flat
+            partition buffer); otherwise it is created by the backward and freed by the step.
+        gpu_sms: streaming multiprocessors of the GPU (the Triton forward's grid of partials).
+        techniques: momentum contrast, hierarchical levels, MIM (:class:`TechniqueMemory`).
     """
     _check_positive(params=params, world_size=world_size, global_batch=global_batch, embed_dim=embed_dim)
     for name, v in {"act_bytes_per_pair": act_bytes_per_pair, "input_bytes_per_pair": input_bytes_per_pair,
                     "engine_buffer_bytes": engine_buffer_bytes, "act_fixed_bytes": act_fixed_bytes,
                     "chunk_act_bytes_per_row": chunk_act_bytes_per_row or 0.0,
                     "step_transient_bytes": step_transient_bytes or 0.0,
-                    "nograd_act_bytes_per_row": nograd_act_bytes_per_row}.items():
+                    "nograd_act_bytes_per_row": nograd_act_bytes_per_row,
+                    "grad_transient_bytes": grad_transient_bytes}.items():
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a finite number ≥ 0, got {v!r}")
     if loss_impl not in LOSS_IMPLS:
         raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
     if global_batch % world_size:
         raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     b_local = global_batch // world_size
     if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     spec = precision_spec(precision)
+    tech = techniques or TechniqueMemory()
     rows = b_local if chunk is None else min(chunk, b_local)
     per_row = act_bytes_per_pair if chunk is None or chunk_act_bytes_per_row is None else chunk_act_bytes_per_row
     step_transient = (spec.step_grad * params / (world_size if zero_stage >= 1 else 1)
                       if step_transient_bytes is None else step_transient_bytes)
-    d = embed_dim
+    d, n_emb = embed_dim, tech.embeddings_per_tower
 
-    states = model_state_bytes(params, world_size, zero_stage, spec)
+    comps: dict[str, float] = state_bytes(params, world_size, zero_stage, spec)
     live = 0.0
     if zero_stage == 3:
         live = spec.param * min(params, zero3_live_params if zero3_live_params is not None else 50_000_000)
-    comps: dict[str, float] = {
-        "model states": states,
+    activations = rows * float(per_row) + act_fixed_bytes
+    accumulates = grads_copied or (chunk is not None and b_local > rows)
+    comps.update({
         "zero-3 gathered params": live,
         "engine buffers": float(engine_buffer_bytes),
         "optimizer step transient": float(step_transient),
         "inputs": rows * float(input_bytes_per_pair),
-        "activations": rows * float(per_row) + act_fixed_bytes,
-        "local embeddings": 2.0 * b_local * d * emb_bytes,
-        "embedding grads": 2.0 * b_local * d * 4,
-    }
-    comps.update(_loss_components(loss_impl, b=global_batch, b_local=b_local, d=d, emb_bytes=emb_bytes,
-                                  loss_block=loss_block, loss_workspace_bytes=loss_workspace_bytes))
+        "activations": activations,
+        "embedding-gradient transient": max(0.0, grad_transient_bytes - activations) if accumulates else 0.0,
+        "local embeddings": 2.0 * n_emb * b_local * d * emb_bytes,
+        "embedding grads": 2.0 * n_emb * b_local * d * 4,
+    })
+    comps.update(loss_components(tech.loss_terms(), loss_impl, b_local=b_local, global_batch=global_batch, d=d,
+                                 emb_bytes=emb_bytes, sms=gpu_sms, tile=loss_block))
+    if loss_workspace_bytes is not None:
+        comps["loss workspace"] = float(loss_workspace_bytes)
     # DeepSpeed allocates its reduce bucket at a step's first backward and releases it after the
     # optimizer step (``_release_ipg_buffers``); FSDP2's unsharded gradients live between the backward
-    # of the first chunk and the reduce-scatter: engine buffers belong to the backward phases.
-    base = ["model states", "zero-3 gathered params"]
+    # of the first chunk and the reduce-scatter: engine buffers belong to the backward phases. So do
+    # the gradients (set to None by every engine's step), except ZeRO-3's flat partition buffer.
+    base = ["parameters", "optimizer states", "zero-3 gathered params"]
+    kept = ["gradients"] if grads_persistent else []
+    backward = ["engine buffers", "inputs", "activations", "embedding-gradient transient"]
     loss = ["local embeddings", "embedding grads", "gathered columns", "column grad partials",
             "loss statistics", "loss workspace"]
     if chunk is None:
-        phases = {"fwd_bwd": [*base, "engine buffers", "inputs", "activations", *loss],
-                  "step": [*base, "optimizer step transient"]}
+        phases = {"fwd_bwd": [*base, "gradients", *backward, *loss],
+                  "step": [*base, "gradients", "optimizer step transient"]}
     else:
         # Pass 1 ends with the chunk pieces and their concatenation alive at once.
         comps["embedding pieces"] = comps["local embeddings"]
         comps["no-grad forward transient"] = rows * float(nograd_act_bytes_per_row)
-        phases = {"embed": [*base, "inputs", "local embeddings", "embedding pieces", "no-grad forward transient"],
-                  "loss": [*base, *loss],
-                  "reforward": [*base, "engine buffers", "inputs", "activations", "embedding grads"],
-                  "step": [*base, "optimizer step transient"]}
+        phases = {"embed": [*base, *kept, "inputs", "local embeddings", "embedding pieces",
+                            "no-grad forward transient"],
+                  "loss": [*base, *kept, *loss],
+                  "reforward": [*base, "gradients", *backward, "embedding grads"],
+                  "step": [*base, "gradients", "optimizer step transient"]}
+    extra = tech.components(b_local=b_local, rows=rows, d=d, nograd_per_row=nograd_act_bytes_per_row,
+                            reforward_rows=rows)
+    if tech.momentum:  # the key pass runs before the step's first phase
+        phases = {"keys": [*base, *kept, "inputs"], **phases}
+    for name, (nbytes, where) in extra.items():
+        comps[name] = nbytes
+        for phase in where:
+            if phase in phases:
+                phases[phase].append(name)
     config = {"params": params, "world_size": world_size, "zero_stage": zero_stage,
               "precision": precision if isinstance(precision, str) else asdict(precision),
               "global_batch": global_batch, "local_batch": b_local, "chunk": chunk, "embed_dim": d,
               "act_bytes_per_pair": act_bytes_per_pair, "loss_impl": loss_impl, "emb_bytes": emb_bytes,
-              "input_bytes_per_pair": input_bytes_per_pair, "loss_block": list(loss_block),
+              "input_bytes_per_pair": input_bytes_per_pair, "loss_block": list(loss_block) if loss_block else None,
               "loss_workspace_bytes": loss_workspace_bytes, "engine_buffer_bytes": engine_buffer_bytes,
               "chunk_act_bytes_per_row": chunk_act_bytes_per_row, "act_fixed_bytes": act_fixed_bytes,
-              "step_transient_bytes": step_transient_bytes, "nograd_act_bytes_per_row": nograd_act_bytes_per_row}
+              "step_transient_bytes": step_transient_bytes, "nograd_act_bytes_per_row": nograd_act_bytes_per_row,
+              "grad_transient_bytes": grad_transient_bytes, "grads_copied": grads_copied,
+              "grads_persistent": grads_persistent, "gpu_sms": gpu_sms, "techniques": tech.to_dict()}
     return MemoryEstimate(comps, phases, config)
 
 

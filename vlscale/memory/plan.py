@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
+from vlscale.memory import lossmem
 from vlscale.memory.model import (
     GIB,
     MIB,
@@ -38,6 +37,7 @@ from vlscale.memory.model import (
     precision_spec,
     predict_memory,
 )
+from vlscale.memory.techmem import TechniqueMemory
 
 STRATEGIES = ("naive", "fused", "fused_gradcache")
 # ANCHORS.md "Tower costs": ViT-B/16 + BERT-base measured 83 MiB/pair of forward+backward peak on an
@@ -104,12 +104,23 @@ class PlanInputs:
     zero3_live_params: int | None
     step_transient_bytes: float | None
     fused_impl: str
-    """The fused loss's implementation (triton: on-chip tiles; chunked: 4 fp32 tiles of workspace)."""
+    """The fused loss's backend on the target device (:func:`vlscale.memory.lossmem.resolve_impl`)."""
     offload: str
     """DeepSpeed offload in the ds_config: "" (none), "optimizer" or "optimizer+params" (host memory)."""
     gpu_memory: float
     context_reserve: float
     allocator_slack: float
+    device_kind: str = lossmem.DEFAULT_KIND
+    """The target GPU kind (``--gpu``) or the device measured on: picks the loss backend."""
+    gpu_sms: int = 132
+    """Its streaming multiprocessors (the Triton forward's grid of partial statistics)."""
+    fused_impl_why: str = ""
+    grad_transient_bytes: float = 0.0
+    """The largest embedding table's dense gradient (see :func:`predict_memory`)."""
+    grads_copied: bool = False
+    grads_persistent: bool = False
+    techniques: dict[str, Any] = field(default_factory=dict)
+    """:class:`~vlscale.memory.techmem.TechniqueMemory` fields (empty: the plain symmetric loss)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -128,8 +139,10 @@ class PlanInputs:
                     input_bytes_per_pair=self.input_bytes_per_pair, engine_buffer_bytes=self.engine_buffer_bytes,
                     zero3_live_params=self.zero3_live_params, act_fixed_bytes=self.act_fixed_bytes,
                     chunk_act_bytes_per_row=self.chunk_act_bytes_per_row if cached else None,
-                    nograd_act_bytes_per_row=self.nograd_act_bytes_per_row if cached else 0.0,
-                    step_transient_bytes=self.step_transient_bytes)
+                    nograd_act_bytes_per_row=self.nograd_act_bytes_per_row,
+                    step_transient_bytes=self.step_transient_bytes, grad_transient_bytes=self.grad_transient_bytes,
+                    grads_copied=self.grads_copied, grads_persistent=self.grads_persistent, gpu_sms=self.gpu_sms,
+                    techniques=TechniqueMemory(**self.techniques))
 
     def _spec(self) -> PrecisionSpec:
         """Bytes per parameter on the device: offloaded optimizer states (and parameters) live on the host."""
@@ -152,64 +165,24 @@ def with_slack(est: MemoryEstimate, fraction: float) -> MemoryEstimate:
     return MemoryEstimate(comps, phases, dict(est.config) | {"allocator_slack": fraction})
 
 
-def _block_count(tower: nn.Module) -> int:
-    """Length of the tower's longest run of same-class blocks (ViT ``blocks``, BERT ``encoder.layer``)."""
-    best = 1
-    for mod in tower.modules():
-        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > best:
-            kinds = {type(child) for child in mod}
-            if len(kinds) == 1:
-                best = len(mod)
-    return best
-
-
-def meta_counts(model_cfg: Any, dtype: Any) -> tuple[int, int, dict[str, dict[str, float]]]:
-    """Counted on the meta device (no memory, no weights): trainable parameters Ψ, parameters of the
-    largest direct child (FSDP2's largest shard unit), and per tower the bytes saved for backward
-    per row in ``dtype``, with the transient peak per row of a no-grad forward (one block's worth).
-
-    With activation checkpointing a tower's cost is its stored block inputs plus one block's
-    activations (the block the backward recomputes): the full count over the tower's block count.
-    """
-    from vlscale.memory.towers import count_params, meta_dual_encoder, pair_inputs, saved_activation_bytes
-
-    kw = dataclasses.asdict(model_cfg)
-    ckpt = bool(kw.pop("grad_checkpointing", False))
-    model = meta_dual_encoder(**kw, grad_checkpointing=False)
-    params = count_params(model)
-    largest_unit = max((count_params(c, trainable_only=False) for c in model.children()), default=0)
-    model.train()
-    make = pair_inputs(image_size=model_cfg.image_size or 224, context_length=model_cfg.context_length)
-    towers = {"image": (("pixels",), model.visual), "text": (("tokens",), model.textual)}
-    costs: dict[str, dict[str, float]] = {}
-    for name, (keys, tower) in towers.items():
-        only = (lambda ks: lambda a, b, d: {k: v for k, v in make(a, b, d).items() if k in ks})(keys)
-        full = saved_activation_bytes(model, only, dtype=dtype)
-        blocks = _block_count(tower)
-        # A forward without a graph frees each block's intermediates before the next block runs.
-        entry = {"saved_per_row": full, "per_row": full, "blocks": blocks, "nograd_per_row": full / blocks}
-        if ckpt:
-            model.set_grad_checkpointing(True)
-            stored = saved_activation_bytes(model, only, dtype=dtype)
-            model.set_grad_checkpointing(False)
-            entry.update(per_row=stored + full / blocks, stored_per_row=stored)
-        costs[name] = entry
-    return params, largest_unit, costs
-
-
 def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pair: float | None = None,
                 context_reserve: float = DEFAULT_CONTEXT_RESERVE, allocator_slack: float = DEFAULT_ALLOCATOR_SLACK,
-                fused_impl: str | None = None, tower_costs: dict[str, dict[str, float]] | None = None) -> PlanInputs:
+                fused_impl: str | None = None, tower_costs: dict[str, dict[str, float]] | None = None,
+                device_kind: str | lossmem.DeviceKind | None = None) -> PlanInputs:
     """The prediction inputs of ``cfg`` (a :class:`vlscale.config.Config`) on ``world_size`` GPUs.
 
     ``act_mib_per_pair``: a measured forward+backward activation cost per pair (MiB, both towers),
     used instead of the meta-device count. ``tower_costs``: measured per-tower costs
     (``{"image"|"text": {"per_row", "fixed", "nograd_per_row"}}``, from
     :func:`vlscale.memory.towers.measure_activation_cost`), used instead of either.
+    ``device_kind``: the target GPU (a :data:`~vlscale.memory.lossmem.DEVICE_KINDS` name, ``sm_XY``
+    or a :class:`~vlscale.memory.lossmem.DeviceKind`); it decides what ``loss.impl=auto`` runs.
+    ``fused_impl``: the fused backend instead of the recipe's ``loss.impl``.
     """
     import torch
 
     from vlscale import config as vlscale_config
+    from vlscale.memory.towers import chunk_cost, meta_counts
     from vlscale.train.dsconfig import resolve_batch
 
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -221,12 +194,20 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
                          f"{context_reserve / GIB:.2f} GiB reserved for the CUDA context; give a larger --gpu-memory")
     _, _, global_batch = resolve_batch(cfg.train, world_size)  # the batch arithmetic, said clearly
     notes: list[str] = []
-    precision, kind = cfg.train.precision, cfg.engine.kind
+    if device_kind is None:
+        notes.append(f"no --gpu given: the loss backend is the one a {lossmem.DEFAULT_KIND} runs (compute "
+                     "capability ≥ 8.0); pass --gpu v100 (or another kind) for the GPU you will use")
+    kind = device_kind if isinstance(device_kind, lossmem.DeviceKind) else \
+        lossmem.device_kind(device_kind or lossmem.DEFAULT_KIND)
+    impl, why = lossmem.resolve_impl(fused_impl or cfg.loss.impl, kind)
+    precision, engine, tech = cfg.train.precision, cfg.engine.kind, cfg.techniques
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    params, largest_unit, counted = meta_counts(cfg.model, dtype)
+    counts = meta_counts(cfg.model, dtype, mim_mask_ratio=tech.mim_mask_ratio if tech.mim_weight > 0 else None,
+                         mim_norm_pix=tech.mim_norm_pix, momentum=tech.momentum_queue > 0)
+    params = counts.params
     stage, states, buffers, live, step_tr, offload = 0, "fp32", 0.0, None, None, ""
     fixed = 0.0
-    if kind == "deepspeed":
+    if engine == "deepspeed":
         stage, states = cfg.engine.zero_stage, precision
         zero = vlscale_config.to_deepspeed_config(cfg, world_size).get("zero_optimization", {})
         devices = {k: (zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param")}
@@ -236,60 +217,80 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
             "reduce_bucket_size", DS_REDUCE_BUCKET)), overlap_comm=bool(zero.get("overlap_comm", False)))
         if stage == 3:
             live = int(float(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)))
-        # The client torch AdamW steps the flattened fp32 gradient partition: measured 2.7 × 4Ψ/W
-        # on CPU (ZeRO-2, 2 ranks, fp32): the partition's fp32 gradient, Adam's denominator and the
-        # gradient norm's temporaries.
+        # DeepSpeed flattens each AdamW group into one fp32 partition (ZeRO 1-3; FP16/BF16_Optimizer
+        # at stage 0) and the client torch AdamW (single-tensor) steps it as one tensor, group by group:
+        # sqrt(v) and its quotient (8 bytes per element of the largest group's partition) plus, in
+        # mixed precision, the fp32 copy of that partition's 16-bit gradient (4 more). fp32 at stage 0
+        # steps the module's own parameters: the largest parameter's two temporaries.
         shard = world_size if stage >= 1 else 1
-        step_tr = 0.0 if offload else 12.0 * params / shard  # an offloaded step runs on the host
-    elif kind == "fsdp":
+        if stage == 0 and precision == "fp32":
+            step_tr = 8.0 * counts.largest_param
+        else:
+            step_tr = (8.0 + 4.0 * (precision != "fp32")) * -(-counts.largest_group // shard)
+        step_tr = 0.0 if offload else step_tr  # an offloaded step runs on the host
+    elif engine == "fsdp":
         # FSDP2: fp32 parameters, gradients and Adam states sharded (16Ψ/W); the largest shard unit
         # gathered in 16 bits; without gradient sync (all chunks but the last) the unsharded
         # gradients accumulate locally in fp32.
-        stage, live = 3, largest_unit * (2 if precision != "fp32" else 1)
+        stage, live = 3, counts.largest_unit * (2 if precision != "fp32" else 1)
         buffers = 4.0 * params if cfg.gradcache.enabled else 0.0
-        step_tr = 4.0 * params / world_size  # foreach AdamW's denominator temporary
+        # torch's single-tensor AdamW (vlscale.train.optim): sqrt(v) and its quotient, one shard at a time.
+        step_tr = 2 * 4.0 * -(-counts.largest_param // world_size)
         notes.append("FSDP2: model states as ZeRO-3 with fp32 shards; unsharded fp32 gradients "
                      "accumulate between chunks (engine buffers)")
     else:
-        step_tr = 4.0 * params  # foreach AdamW's denominator temporary
+        # torch's single-tensor AdamW (foreach=False, vlscale.train.optim) makes sqrt(v) and its
+        # quotient for one parameter at a time: two temporaries the size of the largest one.
+        step_tr = 2 * 4.0 * counts.largest_param
         if precision != "fp32":
             fixed = 2.0 * params  # autocast's 16-bit weight copies during forward/backward
+    grad_bytes = precision_spec(states).grad
     if tower_costs is not None:
         costs, source = tower_costs, "measured on this device"
     else:
         costs = {t: {**c, "per_row": c["per_row"] * BACKWARD_TRANSIENT_FACTOR, "fixed": 0.0}
-                 for t, c in counted.items()}
+                 for t, c in counts.towers.items()}
         source = (f"meta-device count of tensors saved for backward ({precision}) × {BACKWARD_TRANSIENT_FACTOR} "
                   "for the backward's transients (calibrated on ViT-B/16 + BERT-base, ANCHORS.md)")
         if cfg.model.grad_checkpointing:
             source += "; activation checkpointing: stored block inputs + one recomputed block"
+    gc = cfg.gradcache
+    chunk = max(gc.chunk_size, gc.image_chunk_size, gc.text_chunk_size)
     pair = sum(c["per_row"] for c in costs.values())
-    chunk_row = max(c["per_row"] for c in costs.values())
+    chunk_row, tower_fixed = chunk_cost(costs, chunk)
     if act_mib_per_pair is not None:
         if not act_mib_per_pair > 0:
             raise ValueError(f"--act-mib-per-pair must be positive, got {act_mib_per_pair}")
         # Scale the towers' split to the given pair cost (the larger tower keeps its share).
         chunk_row *= act_mib_per_pair * MIB / pair
         pair, source = act_mib_per_pair * MIB, "given (--act-mib-per-pair)"
-    fixed += max(c.get("fixed", 0.0) for c in costs.values())
-    gc = cfg.gradcache
-    chunk = max(gc.chunk_size, gc.image_chunk_size, gc.text_chunk_size)
-    if fused_impl is None:
-        fused_impl = cfg.loss.impl if cfg.loss.impl in ("triton", "chunked") else "triton"
-    if fused_impl not in ("triton", "chunked"):
-        raise ValueError(f"the fused loss is 'triton' or 'chunked', got {fused_impl!r}")
+    fixed += tower_fixed
     size, length = cfg.model.image_size or 224, cfg.model.context_length
+    concept_bytes = 2 * cfg.model.concept_tokens * 8  # concept token ids + mask (int64) beside each image
+    momentum = tech.momentum_queue > 0
+    techniques = TechniqueMemory(
+        contrastive=tech.contrastive_weight > 0, hier_levels=cfg.model.n_hier if tech.hier_on else 0,
+        momentum_params=counts.momentum_params, queue_size=tech.momentum_queue,
+        candidates=tech.momentum_candidates if momentum else "batch_queue",
+        # master_params() builds each whole fp32 master (DeepSpeed ZeRO / bf16 optimizer, FSDP2 gather);
+        # the local engine's parameters are the fp32 masters themselves.
+        ema_transient_bytes=4.0 * counts.largest_param if momentum and (
+            engine == "fsdp" or (engine == "deepspeed" and (stage >= 1 or precision == "bf16"))) else 0.0,
+        mim_act_bytes_per_row=counts.mim_per_row * BACKWARD_TRANSIENT_FACTOR)
     return PlanInputs(
-        recipe=cfg.recipe, params=params, world_size=world_size, engine=kind, zero_stage=stage, precision=precision,
+        recipe=cfg.recipe, params=params, world_size=world_size, engine=engine, zero_stage=stage, precision=precision,
         states_precision=states, global_batch=global_batch, chunk=chunk, gradient_cache=gc.enabled,
         embed_dim=cfg.model.embed_dim,
         act_bytes_per_pair=pair, chunk_act_bytes_per_row=chunk_row,
         nograd_act_bytes_per_row=max(c.get("nograd_per_row", 0.0) for c in costs.values()),
         act_fixed_bytes=fixed, act_source=source,
-        input_bytes_per_pair=3 * size * size * 4 + 2 * length * 8, engine_buffer_bytes=buffers,
-        zero3_live_params=live, step_transient_bytes=step_tr, fused_impl=fused_impl, offload=offload,
-        gpu_memory=gpu_memory,
-        context_reserve=context_reserve, allocator_slack=allocator_slack, notes=notes)
+        input_bytes_per_pair=3 * size * size * 4 + 2 * length * 8 + concept_bytes, engine_buffer_bytes=buffers,
+        zero3_live_params=live, step_transient_bytes=step_tr, fused_impl=impl, offload=offload,
+        gpu_memory=gpu_memory, context_reserve=context_reserve, allocator_slack=allocator_slack,
+        device_kind=kind.name, gpu_sms=kind.sms or 132, fused_impl_why=why,
+        grad_transient_bytes=float(grad_bytes * counts.largest_embedding),
+        grads_copied=engine == "deepspeed" and stage >= 1, grads_persistent=engine == "deepspeed" and stage == 3,
+        techniques=techniques.to_dict(), notes=notes)
 
 
 def predict(inputs: PlanInputs, strategy: str, global_batch: int) -> MemoryEstimate:
@@ -312,7 +313,11 @@ _ADVICE = {
     "loss": "fewer pairs per rank (more ranks), never the naive loss at this batch",
     "embed": "a smaller gradcache.chunk_size (pass 1 holds a chunk's no-grad forward)",
     "step": "a higher ZeRO stage or more ranks (model and optimizer states)",
-    "model states": "a higher ZeRO stage or more ranks",
+    "parameters": "ZeRO-3 or FSDP2 (parameters sharded) or more ranks",
+    "optimizer states": "a higher ZeRO stage, more ranks, or optimizer offload in your ds_config",
+    "gradients": "ZeRO-2 or higher (gradients sharded) or more ranks",
+    "momentum copy": "a smaller model: the fp32 momentum copy is whole on every rank whatever the engine",
+    "MIM forward": "a smaller gradcache.chunk_size (each image chunk runs its MIM forward too)",
     "engine buffers": "a smaller zero_optimization.reduce_bucket_size in your ds_config (engine.ds_config)",
     "activations": "a smaller gradcache.chunk_size or model.grad_checkpointing=true",
     "loss workspace": "the fused loss instead of dense logits",

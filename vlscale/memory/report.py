@@ -28,17 +28,6 @@ from typing import Any
 from vlscale.memory.model import GIB, MIB, MemoryEstimate, fmt_bytes
 
 SCHEMA = "vlscale.memory.report/1"
-# Components alive when each phase starts (created by an earlier phase or before the step); the
-# rest of a phase's components are what the phase itself allocates, i.e. its peak − start.
-CARRIED = {
-    "embed": {"model states", "allocator slack"},
-    "loss": {"model states", "allocator slack", "local embeddings"},
-    "reforward": {"model states", "allocator slack", "embedding grads"},
-    "fwd_bwd": {"model states", "allocator slack"},
-    "step": {"model states", "allocator slack"},
-}
-
-
 def versions() -> dict[str, str | None]:
     import torch
 
@@ -70,8 +59,8 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
 
 def predicted_growth(est: MemoryEstimate) -> dict[str, float]:
     """Bytes each phase allocates itself (its components minus those carried into it)."""
-    return {p: sum(est.components[c] for c in names if c not in CARRIED.get(p, set()))
-            for p, names in est.phases.items()}
+    carried = est.carried()
+    return {p: sum(est.components[c] for c in names if c not in carried[p]) for p, names in est.phases.items()}
 
 
 def build(kind: str, plan_result: dict[str, Any], *, measured: dict[str, Any] | None = None,
@@ -120,8 +109,23 @@ def _md_inputs(inp: dict[str, Any]) -> list[str]:
              f"{fmt_bytes(inp['chunk_act_bytes_per_row'])} ({inp['act_source']})"),
             ("inputs per pair", fmt_bytes(inp["input_bytes_per_pair"])),
             ("engine buffers", fmt_bytes(inp["engine_buffer_bytes"])),
-            ("fused loss", inp["fused_impl"]), ("allocator slack", f"{inp['allocator_slack']:.0%} of the peak")]
+            ("fused loss", f"{inp['fused_impl']} on {inp.get('device_kind', '?')}"
+             + (f" ({inp['fused_impl_why']})" if inp.get("fused_impl_why") else "")),
+            ("techniques", _md_techniques(inp.get("techniques") or {})),
+            ("allocator slack", f"{inp['allocator_slack']:.0%} of the peak")]
     return ["| input | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _md_techniques(t: dict[str, Any]) -> str:
+    parts = [] if t.get("contrastive", True) else ["no symmetric term"]
+    if t.get("momentum_params"):
+        parts.append(f"momentum contrast ({t['candidates']}, K = {t['queue_size']:,}, fp32 copy of "
+                     f"{t['momentum_params']:,} parameters)")
+    if t.get("hier_levels"):
+        parts.append(f"{t['hier_levels']} hierarchical levels")
+    if t.get("mim_act_bytes_per_row"):
+        parts.append(f"masked image modeling ({fmt_bytes(t['mim_act_bytes_per_row'])} per image)")
+    return "; ".join(parts) or "none (the symmetric loss)"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -206,7 +210,7 @@ def _plots(report: dict[str, Any], est: MemoryEstimate, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     phases = list(est.phases)
     bottom = [0.0] * len(phases)
-    colors = iter(plt.get_cmap("tab20").colors)
+    colors = iter([*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors])  # 40: techniques add components
     unit, label = (GIB, "GiB") if est.total >= GIB else (MIB, "MiB")
     for comp, nbytes in est.components.items():
         heights = [nbytes / unit if comp in est.phases[p] else 0.0 for p in phases]

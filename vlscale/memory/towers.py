@@ -207,3 +207,128 @@ def measure_activation_cost(model: nn.Module, make_inputs: InputsFn, *, sizes: t
     per_row = max(0.0, (p2 - p1) / (n2 - n1))
     return ActivationCost(per_row=per_row, fixed=max(0.0, p1 - per_row * n1),
                           nograd_per_row=max(q1 / n1, q2 / n2))
+
+
+def chunk_cost(costs: dict[str, dict[str, float]], rows: int) -> tuple[float, float]:
+    """``(per_row, fixed)`` of the tower whose chunk of ``rows`` costs most (``fixed + rows · per_row``).
+
+    The gradient cache runs the towers one at a time, so a chunk holds ONE tower's activations: the
+    largest per-row cost of one tower must not be combined with another tower's row-independent
+    bytes (e.g. a text tower's dense word-embedding gradient).
+    """
+    top = max(costs.values(), key=lambda c: c.get("fixed", 0.0) + rows * c["per_row"])
+    return float(top["per_row"]), float(top.get("fixed", 0.0))
+
+
+def _block_count(tower: nn.Module) -> int:
+    """Length of the tower's longest run of same-class blocks (ViT ``blocks``, BERT ``encoder.layer``)."""
+    best = 1
+    for mod in tower.modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > best:
+            kinds = {type(child) for child in mod}
+            if len(kinds) == 1:
+                best = len(mod)
+    return best
+
+
+@dataclass(frozen=True)
+class MetaCounts:
+    """What :func:`meta_counts` counts of a recipe's dual encoder on the meta device."""
+
+    params: int
+    """Trainable parameters Ψ."""
+    largest_unit: int
+    """Parameters of the largest direct child (FSDP2's largest shard unit)."""
+    largest_param: int
+    """Elements of the largest trainable parameter (the optimizer's and the EMA's per-tensor temporaries)."""
+    largest_embedding: int
+    """Elements of the largest trainable embedding table (its backward makes a dense gradient)."""
+    largest_group: int
+    """Elements of the largest AdamW parameter group (:func:`vlscale.model.param_groups`): flattened
+    into one fp32 partition by DeepSpeed, whose optimizer steps it as one tensor."""
+    towers: dict[str, dict[str, float]]
+    """Per tower: ``saved_per_row``, ``per_row``, ``nograd_per_row``, ``blocks`` (bytes, one row)."""
+    mim_per_row: float = 0.0
+    """Bytes saved for backward per image by the masked-image-modeling forward and its loss."""
+    momentum_params: int = 0
+    """Parameters of the fp32 momentum copy (the model without MIM decoder, nothing frozen)."""
+
+
+class _MimStep(nn.Module):
+    """The MIM hook's work on one chunk (vlscale.techniques.mim): the masked forward and its loss."""
+
+    def __init__(self, model: nn.Module, norm_pix: bool) -> None:
+        super().__init__()
+        self.model, self.norm_pix = model, norm_pix
+
+    def forward(self, mim_pixels: Tensor, mim_keep: Tensor) -> Tensor:
+        from vlscale.techniques.mim import mim_loss
+
+        out = self.model(mim_pixels=mim_pixels, mim_keep=mim_keep)
+        return mim_loss(out["mim_pred"], out["mim_target"], mim_keep, norm_pix=self.norm_pix).sum()
+
+
+def meta_counts(model_cfg: Any, dtype: torch.dtype, *, mim_mask_ratio: float | None = None,
+                mim_norm_pix: bool = True, momentum: bool = False) -> MetaCounts:
+    """Counted on the meta device (no memory, no weights): parameters, the largest tensors, and per
+    tower the bytes saved for backward per row in ``dtype``, with the transient peak per row of a
+    no-grad forward (one block's worth). Visual concept tokens (``concept_tokens > 0``) are counted
+    at full length with the image tower. ``mim_mask_ratio``: also count the MIM forward + loss.
+
+    With activation checkpointing a tower's cost is its stored block inputs plus one block's
+    activations (the block the backward recomputes): the full count over the tower's block count.
+    """
+    import dataclasses
+
+    kw = dataclasses.asdict(model_cfg)
+    ckpt = bool(kw.pop("grad_checkpointing", False))
+    model = meta_dual_encoder(**kw, grad_checkpointing=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    model.train()
+    size, concepts = model_cfg.image_size or 224, int(getattr(model_cfg, "concept_tokens", 0) or 0)
+    make = pair_inputs(image_size=size, context_length=model_cfg.context_length)
+
+    def image_inputs(a: int, b: int, d: torch.device) -> dict[str, Tensor]:
+        out = {"pixels": make(a, b, d)["pixels"]}
+        if concepts:
+            out["concept_tokens"] = torch.zeros(b - a, concepts, dtype=torch.long, device=d)
+            out["concept_mask"] = torch.ones(b - a, concepts, dtype=torch.long, device=d)
+        return out
+
+    towers = {"image": (image_inputs, model.visual),
+              "text": (lambda a, b, d: {"tokens": make(a, b, d)["tokens"]}, model.textual)}
+    costs: dict[str, dict[str, float]] = {}
+    for name, (inputs, tower) in towers.items():
+        full = saved_activation_bytes(model, inputs, dtype=dtype)
+        blocks = _block_count(tower)
+        # A forward without a graph frees each block's intermediates before the next block runs.
+        entry = {"saved_per_row": full, "per_row": full, "blocks": blocks, "nograd_per_row": full / blocks}
+        if ckpt:
+            model.set_grad_checkpointing(True)
+            stored = saved_activation_bytes(model, inputs, dtype=dtype)
+            model.set_grad_checkpointing(False)
+            entry.update(per_row=stored + full / blocks, stored_per_row=stored)
+        costs[name] = entry
+    mim = 0.0
+    if mim_mask_ratio is not None:
+        from vlscale.model import vit
+
+        patches = vit.num_patches(model.visual.trunk)
+        keep = max(1, int(patches * (1.0 - mim_mask_ratio)))
+        mim = saved_activation_bytes(_MimStep(model, mim_norm_pix), lambda a, b, d: {
+            "mim_pixels": make(a, b, d)["pixels"],
+            "mim_keep": torch.zeros(b - a, keep, dtype=torch.long, device=d)}, dtype=dtype)
+    ema = 0
+    if momentum:  # vlscale.techniques.momentum_copy: no MIM decoder, nothing frozen, no checkpointing
+        ema = count_params(meta_dual_encoder(**{**kw, "mim_decoder_depth": 0, "freeze_image_layers": 0,
+                                                "freeze_text_layers": 0}), trainable_only=False)
+    from vlscale.model import param_groups
+
+    groups = param_groups(model, 0.1)  # which group a parameter falls in does not depend on the value
+    return MetaCounts(params=count_params(model),
+                      largest_unit=max((count_params(c, trainable_only=False) for c in model.children()), default=0),
+                      largest_param=max((p.numel() for p in trainable), default=0),
+                      largest_embedding=max((t.numel() for t in tables), default=0),
+                      largest_group=max((sum(p.numel() for p in g["params"]) for g in groups), default=0),
+                      towers=costs, mim_per_row=mim, momentum_params=ema)
