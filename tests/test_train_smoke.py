@@ -158,3 +158,25 @@ def test_data_skipped_counts_only_samples_skipped_for_bad_data() -> None:
     out = Trainer._slow_metrics(fake)
     assert out["data/skipped"] == 3.0
     assert (out["data/dropped_tail"], out["data/short_batch"], out["data/io_requests"]) == (5.0, 1.0, 7.0)
+
+
+@pytest.mark.parametrize("gradcache", [True, False])
+def test_step_inputs_stay_on_the_host_under_the_gradient_cache(gradcache: bool) -> None:
+    """On an accelerator the gradient cache copies one chunk at a time (vlscale.gradcache.transfer),
+    so the trainer must not move the whole local batch first (1M pairs / 8 ranks: ~79 GB of pixels);
+    without the gradient cache one plain forward needs the whole batch on the device."""
+    from types import SimpleNamespace
+
+    from vlscale.data.collate import Batch
+    from vlscale.train.trainer import Trainer
+
+    batch = Batch(pixels=torch.randn(5, 3, 8, 8), tokens=torch.ones(5, 4, dtype=torch.long),
+                  attention_mask=torch.ones(5, 4, dtype=torch.long), source=["a"] * 5,
+                  keys=[str(i) for i in range(5)], concepts=None, captions=["x"] * 5)
+    fake = SimpleNamespace(cfg=SimpleNamespace(gradcache=SimpleNamespace(enabled=gradcache)),
+                           rt=SimpleNamespace(device=torch.device("meta")))
+    inputs = Trainer._step_inputs(fake, batch)
+    assert {v.device.type for v in inputs.values()} == ({"cpu"} if gradcache else {"meta"})
+    assert inputs["pixels"].shape == (5, 3, 8, 8)
+    cpu = SimpleNamespace(cfg=fake.cfg, rt=SimpleNamespace(device=torch.device("cpu")))
+    assert all(v.device.type == "cpu" for v in Trainer._step_inputs(cpu, batch).values())

@@ -290,9 +290,9 @@ class Trainer:
     def _train_step(self, batch: Any) -> dict[str, float]:
         if self.text_stats is not None and batch.tokens is not None:
             self.text_stats.update(batch.tokens, batch.attention_mask)  # the captions as the loader tokenized them
-        inputs = batch.to(self.rt.device).model_inputs()
         start = time.perf_counter()
-        inputs = self.objective.prepare(self.step, batch, inputs)  # mixup / concepts / momentum keys
+        inputs = self.objective.prepare(self.step, batch, self._step_inputs(batch))  # mixup / concepts / keys
+        inputs = self._pinned(inputs)
         res = self.gradcache.step(inputs, self.loss_fn, chunk_loss=self.objective.chunk_loss)
         loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
         if not math.isfinite(loss) and not self._handle_nonfinite(loss):
@@ -314,6 +314,22 @@ class Trainer:
         if self.engine.loss_scale is not None:
             out["loss_scale"] = float(self.engine.loss_scale)
         return out
+
+    def _step_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        """This step's model inputs. Under the gradient cache on an accelerator they stay in host
+        memory: each chunk is copied to the device right before its forward (both passes, and the
+        momentum keys' chunks), since at 1M pairs over 8 ranks one rank's pixels alone are ~79 GB.
+        Without the gradient cache (one plain forward) or on the CPU the batch moves whole."""
+        if self.cfg.gradcache.enabled and self.rt.device.type != "cpu":
+            return batch.model_inputs()
+        return batch.to(self.rt.device).model_inputs()
+
+    def _pinned(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host inputs in pinned memory (mixup and concepts make new tensors after the loader pinned
+        its batch), so the per-chunk copies are asynchronous; a no-op without CUDA."""
+        if not torch.cuda.is_available():
+            return inputs
+        return {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v for k, v in inputs.items()}
 
     def _handle_nonfinite(self, loss: float) -> bool:
         """True to go on with the step anyway (fp16: the engine skips it), False to skip it; or raise."""
