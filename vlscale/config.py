@@ -43,6 +43,13 @@ class DataConfig:
     """Side of the square image fed to the vision tower (0 = the model's own input size)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead; a rank's host memory holds about num_workers ×
+    prefetch_factor + 2 local batches of pixels (``vlscale memory plan`` prints the total)."""
+    pixel_dtype: Literal["uint8", "float32"] = "uint8"
+    """How training pixels travel from the loader to the device: 'uint8' (the decoded values: a quarter
+    of fp32's host memory and copies, normalised and mixed on the device chunk by chunk) or 'float32'
+    (normalised in the workers). The model sees bit-identical pixels either way."""
     augment: bool = True
     """Train-time image augmentation: random resized crops (area ``crop_scale``) and ``auto_augment``;
     false = a plain resize of the whole image. Never flips (captions say left / right)."""
@@ -83,6 +90,9 @@ class DataConfig:
         _check(self.image_size == 0 or self.image_size >= 8, "data.image_size",
                f"must be 0 (from the model) or >= 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        _check(self.pixel_dtype in ("uint8", "float32"), "data.pixel_dtype",
+               f"must be 'uint8' or 'float32', got {self.pixel_dtype!r}")
         for name in ("io_retries", "readahead"):
             _check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.io_threads >= 1, "data.io_threads", f"must be >= 1, got {self.io_threads}")

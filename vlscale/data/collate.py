@@ -2,7 +2,8 @@
 caption token masking.
 
 The collate runs inside DataLoader workers: it stacks the uint8 images, normalises them as one
-float tensor, and tokenizes all captions in one tokenizer call.
+float tensor (or keeps them uint8 for the device to normalise: ``pixel_dtype``), and tokenizes all
+captions in one tokenizer call.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Batch:
     """One training batch. ``worker``/``state``/``stats`` are the loader's bookkeeping: which
     logical worker made it, that worker's stream position after it, and its skip counts."""
 
-    pixels: torch.Tensor  # (B, 3, H, W) float32, normalised
+    pixels: torch.Tensor  # (B, 3, H, W) float32 normalised, or uint8 (collate's pixel_dtype)
     tokens: torch.Tensor | None  # (B, L) long
     attention_mask: torch.Tensor | None  # (B, L) long
     source: list[str]
@@ -142,25 +143,49 @@ def tokenize(tokenizer: Callable | None, captions: list[str], max_length: int) -
     return _pad(out, max_length, pad_id)
 
 
+PIXEL_DTYPES = ("uint8", "float32")
+
+
+def norm_constants(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1/(255·std), −mean/std)`` as fp32 (1, C, 1, 1) on the CPU: normalisation is ``x·a + b``."""
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean {tuple(mean)} / std {tuple(std)} must have one value per channel ({channels})")
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
+    return 1.0 / (255.0 * std_t), -torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1) / std_t
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised fp32 (contiguous) on the same device: one pass to float,
+    then ``x·a + b`` in place (two passes instead of four temporaries). The one implementation of
+    the normalisation: the collate's float path and the trainer's per-chunk device path
+    (:class:`vlscale.train.pixels.PixelFeed`) give bit-identical pixels."""
+    scale, shift = norm_constants(mean, std, pixels.shape[1])
+    x = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    x.copy_(pixels)
+    return x.mul_(scale.to(pixels.device)).add_(shift.to(pixels.device))
+
+
 def collate(images: list[np.ndarray], rows: list[dict], *, tokenizer: Callable | None, max_length: int,
             mean: Sequence[float], std: Sequence[float], with_concepts: bool,
-            image_size: tuple[int, int] | None = None) -> Batch:
-    """Stack uint8 HWC images into normalised float (B,3,H,W) and tokenize the captions.
+            image_size: tuple[int, int] | None = None, pixel_dtype: str = "float32") -> Batch:
+    """Stack uint8 HWC images into (B,3,H,W) pixels and tokenize the captions.
 
-    An empty ``rows`` gives a 0-row batch of the right shapes (``image_size`` = (H, W)): a debiased
-    step keeps every rank in step even when a rank has no rows for it (see ``sampling.py``)."""
+    ``pixel_dtype="float32"``: normalised with ``mean`` / ``std``; ``"uint8"``: the decoded values,
+    a quarter of the bytes, for the consumer to normalise (the trainer does it on the device, per
+    chunk). An empty ``rows`` gives a 0-row batch of the right shapes (``image_size`` = (H, W)): a
+    debiased step keeps every rank in step even when a rank has no rows for it (see ``sampling.py``)."""
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
+    dtype = torch.uint8 if pixel_dtype == "uint8" else torch.float32
     if not rows:
         if image_size is None:
             raise ValueError("an empty batch needs image_size")
         ids = None if tokenizer is None else torch.zeros((0, max_length), dtype=torch.long)
-        return Batch(pixels=torch.zeros((0, 3, *image_size)), tokens=ids, attention_mask=None if ids is None else ids.clone(),
+        return Batch(pixels=torch.zeros((0, 3, *image_size), dtype=dtype), tokens=ids,
+                     attention_mask=None if ids is None else ids.clone(),
                      source=[], keys=[], captions=[], concepts=[] if with_concepts else None)
     chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    pixels = torch.empty(chw.shape, dtype=torch.float32)
-    pixels.copy_(chw)  # one pass: uint8 HWC -> float CHW (contiguous)
-    # (x/255 - mean)/std as x*a + b, in place: two passes instead of four temporaries
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    pixels.mul_(1.0 / (255.0 * std_t)).add_(-torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t)
+    pixels = chw.contiguous() if pixel_dtype == "uint8" else normalize(chw, mean, std)
     captions = [r["caption"] for r in rows]
     tokens, mask = tokenize(tokenizer, captions, max_length)
     concepts = [list(r.get("concepts") or []) for r in rows] if with_concepts else None

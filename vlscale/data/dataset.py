@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlscale.data.collate import Batch, CaptionMasker, EndOfStream, collate, sample_seeds
+from vlscale.data.collate import PIXEL_DTYPES, Batch, CaptionMasker, EndOfStream, collate, sample_seeds
 from vlscale.data.fs import IO_STATS
 from vlscale.data.sampling import MIXED, DebiasedSchedule
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
@@ -56,8 +56,10 @@ class ShardDataset(IterableDataset):
                  tokenizer: Callable | None = None, max_length: int = 77, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1024, drop_last: bool = False,
                  debiased: bool = False, on_error: str = "raise", with_concepts: bool = False,
-                 caption_masker: CaptionMasker | None = None) -> None:
+                 caption_masker: CaptionMasker | None = None, pixel_dtype: str = "float32") -> None:
         super().__init__()
+        if pixel_dtype not in PIXEL_DTYPES:
+            raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
         if batch_size <= 0 or max_length <= 0 or world_size <= 0:
             raise ValueError(f"batch_size ({batch_size}), max_length ({max_length}) and world_size "
                              f"({world_size}) must be positive")
@@ -66,7 +68,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer, self.drop_last = shuffle, shuffle_buffer, drop_last
         self.debiased, self.on_error, self.with_concepts = debiased, on_error, with_concepts
-        self.caption_masker = caption_masker
+        self.caption_masker, self.pixel_dtype = caption_masker, pixel_dtype
         names = list(index.source_counts()) if debiased else [MIXED]
         self.stream_units = {n: index.units_of(None if n == MIXED else n) for n in names}
         global_worker(rank, world_size, 0, 1)  # validates rank
@@ -183,7 +185,8 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, images: list[np.ndarray], rows: list[dict], position: tuple[int, ...]) -> Batch:
         batch = collate(images, rows, tokenizer=self.tokenizer, max_length=self.max_length, mean=self.transform.mean,
-                        std=self.transform.std, with_concepts=self.with_concepts, image_size=self.transform.size)
+                        std=self.transform.std, with_concepts=self.with_concepts, image_size=self.transform.size,
+                        pixel_dtype=self.pixel_dtype)
         if self.caption_masker is not None and batch.tokens is not None:
             seeds = sample_seeds(self.seed, self.epoch, position, batch.source, batch.keys)
             batch.tokens, batch.attention_mask = self.caption_masker(batch.tokens, batch.attention_mask, seeds)

@@ -146,7 +146,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  hflip: float = 0.0, draft: bool | None = None, auto_augment: str = "",
                  text_mask_prob: float = 0.0,
                  text_mask_split: tuple[float, float, float] = ZEROVL_TEXT_MASK_SPLIT,
-                 storage: StorageOptions | None = None) -> ShardLoader:
+                 storage: StorageOptions | None = None, pixel_dtype: str = "float32") -> ShardLoader:
     """Build the loader over a shard folder or a list of shard files.
 
     ``train`` selects the random-resized-crop transform, shuffling and ``drop_last`` (each
@@ -159,6 +159,9 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
     ``on_error="skip"`` skips unreadable shards / record batches and counts them instead of raising.
     ``pin_memory`` defaults to whether CUDA is available (checked here, not at import).
     ``draft`` (reduced-scale JPEG decoding of large images) defaults to ``train``.
+    ``pixel_dtype``: ``"float32"`` batches hold normalised pixels; ``"uint8"`` the decoded values
+    (a quarter of the host memory), normalised by the consumer with the transform's mean / std
+    (``loader.dataset.transform``; the trainer does it on the device: :mod:`vlscale.train.pixels`).
     ``shards`` may be URLs (``s3://``, ``gs://``, ``hf://`` …); ``storage`` sets their retries,
     read-ahead and local cache (:class:`vlscale.data.fs.StorageOptions`).
     """
@@ -180,7 +183,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
         world_size=world_size, seed=seed, shuffle=train if shuffle is None else shuffle,
         shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last, debiased=debiased,
         on_error=on_error, with_concepts=any(index.has_concepts) if with_concepts is None else with_concepts,
-        caption_masker=masker)
+        caption_masker=masker, pixel_dtype=pixel_dtype)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

@@ -129,19 +129,24 @@ class GradCache:
         self.global_keys = global_keys
         self._bn_warned = False
         self._host_logged = False
+        self._feed: transfer.ChunkFeed = transfer.chunk_to
 
     # -- public ------------------------------------------------------------------------------
-    def step(self, inputs: dict[str, Tensor], loss_fn: LossFn, *, chunk_loss: ChunkLossFn | None = None) -> StepResult:
+    def step(self, inputs: dict[str, Tensor], loss_fn: LossFn, *, chunk_loss: ChunkLossFn | None = None,
+             feed: transfer.ChunkFeed | None = None) -> StepResult:
         """Accumulate the gradient of ``loss_fn`` (plus ``chunk_loss`` per chunk) over the whole
         batch into the engine.
 
         ``inputs`` may be on the engine's device or on the host (pin them for asynchronous
-        copies): only the chunk about to run is moved to ``engine.device``."""
+        copies): only the chunk about to run is moved to ``engine.device``, by ``feed`` (default
+        :func:`~vlscale.gradcache.transfer.chunk_to`), in both passes; the per-chunk loss sees what
+        ``feed`` returned."""
         towers = _split_inputs(inputs)
         device = self.engine.device
+        self._feed = feed or transfer.chunk_to
         self._log_placement(towers, device)
         if self.plain:
-            return self._plain_step(inputs, loss_fn, device, chunk_loss)
+            return self._plain_step(towers, loss_fn, device, chunk_loss)
         chunks, embs = self._embed(towers, device)
         loss, metrics, grads = _loss_and_grads(loss_fn, embs)
         del embs  # the replay needs only the gradients: keep one O(B·D) set on the device
@@ -200,7 +205,7 @@ class GradCache:
             for start in range(0, batch, size):
                 stop = min(start + size, batch)
                 state = rng.capture(device)
-                out = self.engine.forward(**transfer.chunk_to(tin, start, stop, device))
+                out = self.engine.forward(**self._feed(tin, start, stop, device))
                 offsets: dict[str, int] = {}
                 for key, value in out.items():
                     if key in self.global_keys:
@@ -225,7 +230,7 @@ class GradCache:
                 with self.engine.micro_step(boundary=boundary):
                     if self.replay_rng:
                         rng.restore(chunk.state)
-                    tin = transfer.chunk_to(towers[chunk.tower], chunk.start, chunk.stop, device)
+                    tin = self._feed(towers[chunk.tower], chunk.start, chunk.stop, device)
                     out = self.engine.forward(**tin)
                     surrogate = self._surrogate(out, grads, chunk, boundary)
                     if chunk_loss is not None:
@@ -260,21 +265,20 @@ class GradCache:
         return torch.stack(terms).sum()
 
     # -- reference path ----------------------------------------------------------------------
-    def _plain_step(self, inputs: dict[str, Tensor], loss_fn: LossFn, device: torch.device,
+    def _plain_step(self, towers: dict[str, dict[str, Tensor]], loss_fn: LossFn, device: torch.device,
                     chunk_loss: ChunkLossFn | None) -> StepResult:
         """One forward over the whole batch with a graph, one backward: the exact reference.
         (Host-resident inputs are moved whole here: this path holds the whole batch by design.)"""
-        moved = {k: v if v is None or transfer.on_device(v, device) else transfer.move(v, device)
-                 for k, v in inputs.items()}
+        fed = {tower: self._feed(tin, 0, tin[_PRIMARY[tower]].shape[0], device) for tower, tin in towers.items()}
         extra: Tensor | None = None
         with self.engine.micro_step(boundary=True):
-            out = self.engine.forward(**moved)
+            out = self.engine.forward(**{k: v for tin in fed.values() for k, v in tin.items()})
             embs = {k: v.float() for k, v in out.items()}
             loss, metrics = loss_fn(embs)
             _check_loss(loss)
             total = loss.float()
             if chunk_loss is not None:  # the whole batch is one chunk per tower
-                for tower, tin in _split_inputs(moved).items():
+                for tower, tin in fed.items():
                     rows = tin[_PRIMARY[tower]].shape[0]
                     term = _check_chunk_loss(chunk_loss(ChunkContext(tower, 0, rows, rows, tin, out,
                                                                      self.engine.forward)))
@@ -282,7 +286,7 @@ class GradCache:
                         total = total + term.float()
                         extra = term.detach() if extra is None else extra + term.detach()
             self.engine.backward(total, boundary=True)
-        counts = {t: 1 for t in _split_inputs(inputs)}
+        counts = {t: 1 for t in towers}
         return self._result(loss, metrics, counts, bool(torch.isfinite(loss)), extra)
 
     # -- BatchNorm -----------------------------------------------------------------------------

@@ -7,16 +7,25 @@ re-forward. The whole batch is never moved. Pinned host memory is copied with
 ``non_blocking=True`` (the copy is queued on the current stream, so it is ordered before the
 forward that reads it, and the host does not wait); pageable memory is copied synchronously.
 Inputs already on the engine's device are only sliced (views, no copy).
+
+A *feed* (:data:`ChunkFeed`) is what turns ``(inputs, start, stop, device)`` into one chunk's model
+inputs; :func:`chunk_to` is the default. The trainer's feed (:class:`vlscale.train.pixels.PixelFeed`)
+also normalises uint8 pixels and applies the step's image mixup on the device, chunk by chunk, so the
+host holds the batch as uint8 (a quarter of fp32) and no mixed copy of it is ever made.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+ChunkFeed = Callable[[dict[str, Tensor], int, int, torch.device], dict[str, Tensor]]
+"""``feed(inputs, start, stop, device)`` -> the model inputs of rows ``[start, stop)`` on ``device``."""
 
 
 def on_device(t: Tensor, device: torch.device) -> bool:

@@ -121,6 +121,8 @@ class PlanInputs:
     grads_persistent: bool = False
     techniques: dict[str, Any] = field(default_factory=dict)
     """:class:`~vlscale.memory.techmem.TechniqueMemory` fields (empty: the plain symmetric loss)."""
+    host: dict[str, Any] = field(default_factory=dict)
+    """Host memory of the data path per rank (:func:`vlscale.memory.hostmem.host_batch_memory`)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -182,6 +184,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     import torch
 
     from vlscale import config as vlscale_config
+    from vlscale.memory.hostmem import host_batch_memory
     from vlscale.memory.towers import chunk_cost, meta_counts
     from vlscale.train.dsconfig import resolve_batch
 
@@ -290,7 +293,8 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         device_kind=kind.name, gpu_sms=kind.sms or 132, fused_impl_why=why,
         grad_transient_bytes=float(grad_bytes * counts.largest_embedding),
         grads_copied=engine == "deepspeed" and stage >= 1, grads_persistent=engine == "deepspeed" and stage == 3,
-        techniques=techniques.to_dict(), notes=notes)
+        techniques=techniques.to_dict(), notes=notes,
+        host=host_batch_memory(cfg, world_size, side=cfg.data.image_size or size))
 
 
 def predict(inputs: PlanInputs, strategy: str, global_batch: int) -> MemoryEstimate:

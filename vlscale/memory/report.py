@@ -167,8 +167,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         marks = " | ".join("x" if p in c["phases"] else "" for p in phases)
         lines.append(f"| {c['name']} | {fmt_bytes(c['bytes'])} | {marks} |")
     lines.append("| **phase total** | | " + " | ".join(fmt_bytes(report["phases"][p]) for p in phases) + " |")
-    lines += ["", f"Peak: **{fmt_bytes(report['peak_bytes'])}** in phase `{report['peak_phase']}`.", "",
-              "## Inputs", "", *_md_inputs(inp), ""]
+    lines += ["", f"Peak: **{fmt_bytes(report['peak_bytes'])}** in phase `{report['peak_phase']}`.", ""]
+    host = inp.get("host") or {}
+    if host:
+        lines += ["## Host memory per rank (data path)", "",
+                  f"**{host['bytes_per_rank'] / 1e9:.1f} GB**: {host['formula']}; one local batch is "
+                  f"{host['batch_bytes'] / 1e9:.2f} GB (`data.pixel_dtype`, `data.num_workers`, `data.prefetch_factor`; "
+                  "times the ranks on one machine).", ""]
+    lines += ["## Inputs", "", *_md_inputs(inp), ""]
     for plot in report["plots"]:
         lines += [f"![{plot}]({plot})", ""]
     notes = report["notes"] + ([report["plots_note"]] if report.get("plots_note") else [])

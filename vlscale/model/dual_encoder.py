@@ -92,8 +92,7 @@ class DualEncoder(nn.Module):
                      concept_mask: Tensor | None = None) -> dict[str, Tensor]:
         """``image`` (+ ``image_hier…``) embeddings, L2-normalised; with the images' concept tokens
         when the model was built for them (ViCHA)."""
-        if pixels.dim() != 4:
-            raise ValueError(f"pixels must be (B, C, H, W), got shape {tuple(pixels.shape)}")
+        _check_pixels(pixels)
         if concept_tokens is None:
             pooled, hier = self.visual(pixels)
         else:
@@ -126,6 +125,7 @@ class DualEncoder(nn.Module):
         """Predictions of every patch from the ``keep`` (B, K) patches, and the pixel targets."""
         if self.mim_decoder is None:
             raise ValueError("masked image modeling needs model.mim_decoder_depth > 0")
+        _check_pixels(pixels)
         latent, _ = self.visual(pixels, mim_keep=keep)
         return {"mim_pred": self.mim_decoder(latent, keep),
                 "mim_target": patchify(pixels, vit.patch_size(self.visual.trunk))}
@@ -166,6 +166,16 @@ class DualEncoder(nn.Module):
         if tower not in ("image", "text"):
             raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
         return [tower] + [hier_key(tower, i) for i in range(self.cfg.n_hier)]
+
+
+def _check_pixels(pixels: Tensor) -> None:
+    if pixels.dim() != 4:
+        raise ValueError(f"pixels must be (B, C, H, W), got shape {tuple(pixels.shape)}")
+    if not pixels.is_floating_point():
+        raise ValueError(f"pixels are {pixels.dtype}: the model takes normalised float pixels. uint8 batches "
+                         "(data.pixel_dtype='uint8', build_loader(pixel_dtype='uint8')) are normalised with the "
+                         "loader transform's mean / std by vlscale.data.collate.normalize (the trainer does it "
+                         "on the device, per chunk)")
 
 
 def _mim_decoder(cfg: ModelConfig, visual: VisionTower) -> MimDecoder:

@@ -102,6 +102,14 @@ class MixPlan:
         _check_batch(pixels, self.batch_size, "pixels")
         return mix_reversed(pixels, self.lam)
 
+    def image_lam(self, pixels: Tensor) -> float | None:
+        """``lam`` when this step mixes images (checking ``pixels``' batch), else None: for a caller
+        that mixes the pixels itself, chunk by chunk (:class:`vlscale.train.pixels.PixelFeed`)."""
+        if self.mode != "image":
+            return None
+        _check_batch(pixels, self.batch_size, "pixels")
+        return float(self.lam)
+
     def mix_text(self, text_emb: Tensor, *, renormalize: bool = True) -> Tensor:
         """Mix (B, E) text embeddings when this step mixes text (re-L2-normalised by default, so
         the mixed embedding lives on the sphere like the image embeddings it is compared with)."""

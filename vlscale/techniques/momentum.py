@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlscale.gradcache import TOWER_INPUTS
+from vlscale.gradcache.transfer import ChunkFeed, chunk_to
 from vlscale.loss import info_nce
 from vlscale.techniques.candidates import positive_queue_nce
 
@@ -161,10 +162,13 @@ class MomentumContrast(nn.Module):
     # -- keys -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_keys(self, inputs: Mapping[str, Tensor | None],
-                    chunk_sizes: int | Mapping[str, int] | None = None) -> dict[str, Tensor]:
+                    chunk_sizes: int | Mapping[str, int] | None = None, *,
+                    feed: ChunkFeed | None = None) -> dict[str, Tensor]:
         """Momentum embeddings ``{"image": (B, E), "text": (B, E)}`` in fp32, each tower's rows in
         chunks of ``chunk_sizes`` (an int for both towers, a per-tower mapping, or None = whole),
-        every chunk moved to the momentum copy's device right before its forward."""
+        every chunk moved to the momentum copy's device right before its forward by ``feed`` (the
+        gradient cache's: the keys see the pixels the query towers see; default ``chunk_to``)."""
+        feed = feed or chunk_to
         device = next(self.ema.parameters()).device
         out: dict[str, Tensor] = {}
         for tower, names in TOWER_INPUTS.items():
@@ -176,7 +180,7 @@ class MomentumContrast(nn.Module):
             step = size or rows
             parts = []
             for i in range(0, rows, step):
-                chunk = {n: v[i : i + step].to(device, non_blocking=True) for n, v in tin.items()}
+                chunk = feed(tin, i, min(i + step, rows), device)
                 with self._autocast(device):
                     parts.append(self.ema(**chunk)[tower].float())
             out[tower] = torch.cat(parts)

@@ -7,8 +7,10 @@ per-rank batch's outputs as detached fp32 leaves); ``Objective.chunk_loss`` is i
 ``techniques.contrastive_weight`` × the symmetric contrastive loss of :mod:`vlscale.loss` over all
 ranks' pairs, plus, when enabled (see :mod:`vlscale.techniques`):
 
-- ZeroVL coin-flip mixup: pixels mixed in ``prepare``, text embeddings mixed here; every term's
-  targets follow what was mixed in its own inputs (:mod:`vlscale.techniques.mixup`);
+- ZeroVL coin-flip mixup: pixels mixed in ``prepare`` (float pixels) or by the step's feed on the
+  device, chunk by chunk (uint8 pixels: :class:`vlscale.train.pixels.PixelFeed`), text embeddings
+  mixed here; every term's targets follow what was mixed in its own inputs
+  (:mod:`vlscale.techniques.mixup`);
 - ViCHA visual concepts: sampled concepts appended to the captions, or tokenised as image-side
   tokens (``techniques.concept_mode``), in ``prepare``; appended ones are re-tokenised with the
   caption, so ZeroVL caption masking (``data.text_mask_prob``) is applied again to that text;
@@ -40,6 +42,7 @@ from vlscale.techniques import (
     hierarchical_loss,
     momentum_copy,
 )
+from vlscale.train.pixels import PixelFeed
 
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CAPTION_MASK_SALT = 0xC0C3  # keeps these masks apart from the loader's (same seed, other positions)
@@ -53,12 +56,16 @@ class Objective:
     ``chunk_sizes``: the gradient cache's per-tower chunk sizes (the momentum keys use the same).
     ``micro_batch``: the nominal per-rank rows. Every rank must hold the same rows at a step (the
     trainer trims short steps so), which may be fewer than ``micro_batch``: the mixup targets use
-    the step's own rows."""
+    the step's own rows. ``pixel_norm``: the loader transform's ``(mean, std)``, needed for uint8
+    pixels; after ``prepare``, :attr:`feed` is the gradient cache's feed for the step."""
 
     def __init__(self, cfg: Config, *, process_group: Any, engine: Any = None, module: nn.Module | None = None,
                  tokenizer: Any = None, rank: int = 0, micro_batch: int = 0,
-                 chunk_sizes: dict[str, int] | None = None) -> None:
+                 chunk_sizes: dict[str, int] | None = None,
+                 pixel_norm: tuple[Any, Any] | None = None) -> None:
         tech, seed = cfg.techniques, cfg.train.seed
+        self.pixel_feed = PixelFeed(*pixel_norm) if pixel_norm is not None else PixelFeed()
+        self.feed = self.pixel_feed
         self.engine = engine
         self.module = engine.module if engine is not None else module
         if self.module is None:
@@ -117,6 +124,7 @@ class Objective:
     def prepare(self, step: int, batch: Any, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The inputs of optimizer step ``step`` (0-based) with concepts / mixup / momentum keys."""
         device = inputs["pixels"].device
+        self.feed = self.pixel_feed
         if self.concepts is not None and self.concept_mode == "caption" and batch.concepts is not None:
             tokens, mask = self.concepts.tokenize(self.tokenizer, batch.captions, batch.concepts,
                                                   max_length=self.max_length, keys=batch.keys, step=step)
@@ -139,14 +147,17 @@ class Objective:
             # ranks' batches to one length), so this rank's first row is rank × rows — not
             # rank × micro_batch, which a short step would shift onto the wrong samples.
             self.plan = self.mixup.plan(step, rows, offset=self.rank * rows)
-            inputs["pixels"] = self.plan.mix_pixels(inputs["pixels"])
+            if inputs["pixels"].is_floating_point():
+                inputs["pixels"] = self.plan.mix_pixels(inputs["pixels"])
+            else:  # uint8: mixed on the device, chunk by chunk, after normalisation (same arithmetic)
+                self.feed = self.pixel_feed.with_lam(self.plan.image_lam(inputs["pixels"]))
             if self.plan.mixes_image and self.plan.lam < 0.5 and "concept_tokens" in inputs:
                 # A mixed image keeps the concepts of its dominant source image.
                 for key in ("concept_tokens", "concept_mask"):
                     inputs[key] = inputs[key].flip(0)
         if self.momentum is not None:
             self.momentum.update(self._master_params(), self.module.named_buffers())  # EMA of the last step's weights
-            self.keys = self.momentum.encode_keys(inputs, self.chunk_sizes or None)
+            self.keys = self.momentum.encode_keys(inputs, self.chunk_sizes or None, feed=self.feed)
         if self.mim is not None:
             self.mim.start_step(step, inputs["pixels"].shape[0])
         return inputs
@@ -226,10 +237,10 @@ class Objective:
 
 def build_loss_fn(cfg: Config, *, process_group: Any, engine: Any = None, module: nn.Module | None = None,
                   tokenizer: Any = None, rank: int = 0, micro_batch: int = 0,
-                  chunk_sizes: dict[str, int] | None = None) -> Objective:
+                  chunk_sizes: dict[str, int] | None = None, pixel_norm: tuple[Any, Any] | None = None) -> Objective:
     """The run's objective (see the module docstring)."""
     return Objective(cfg, process_group=process_group, engine=engine, module=module, tokenizer=tokenizer,
-                     rank=rank, micro_batch=micro_batch, chunk_sizes=chunk_sizes)
+                     rank=rank, micro_batch=micro_batch, chunk_sizes=chunk_sizes, pixel_norm=pixel_norm)
 
 
 __all__ = ["Objective", "build_loss_fn"]

@@ -14,6 +14,9 @@ fails in seconds with one message instead of minutes later inside a data worker:
   is decoded);
 * **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
   means one chunk per step: the cache then only adds a second forward (a warning);
+* **host memory** — the local batches of pixels a rank holds (the step's, the loader's prefetch)
+  times the ranks on this machine, against its memory (:mod:`vlscale.memory.hostmem`): more than
+  the total for one batch per rank is an error, more than what is available now a warning;
 * **warmup vs steps** — a warmup as long as the run never reaches ``train.lr`` (a warning);
 * **visual concepts** — ViCHA concepts (``techniques.concept_mode`` / ``concept_prob``) need a
   ``concepts`` column in the training shards, and in the evaluation shards of a concept-token model
@@ -60,6 +63,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     micro = _check_batch(cfg, world_size, found)
     if micro:
         _check_chunks(cfg, micro, world_size, found)
+        _check_host(cfg, world_size, found)
         _check_rows(cfg, micro, world_size, found)
     _check_schedule(cfg, found)
     if not found.errors:
@@ -98,6 +102,16 @@ def _check_chunks(cfg: Config, micro: int, world: int, found: Findings) -> None:
                 f"{cfg.train.global_batch_size} / {_n(world, 'rank')}): each step is one chunk, so the gradient cache "
                 f"bounds no memory and only adds a second forward; fix: gradcache.{name}={max(1, micro // 2)} "
                 "(or below), or gradcache.enabled=false")
+
+
+def _check_host(cfg: Config, world: int, found: Findings) -> None:
+    from vlscale.memory.hostmem import check_host_memory
+
+    error, warning = check_host_memory(cfg, world)
+    if error:
+        found.errors.append(error)
+    if warning:
+        found.warnings.append(warning)
 
 
 def _check_schedule(cfg: Config, found: Findings) -> None:

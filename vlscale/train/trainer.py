@@ -100,7 +100,7 @@ class Trainer:
         key_chunks = {t: sizes.get(t, gc.chunk_size) for t in ("image", "text")} if gc.enabled else None
         self.objective = build_loss_fn(cfg, process_group=self.rt.process_group, engine=self.engine,
                                        tokenizer=self.model.tokenizer, rank=self.rt.rank, micro_batch=self.micro,
-                                       chunk_sizes=key_chunks)
+                                       chunk_sizes=key_chunks, pixel_norm=self._pixel_norm())
         self.loss_fn = self.objective  # what the gradient cache calls (tests may wrap it)
         # Peak memory per phase of a few steps, for memory.json (vlscale memory report).
         self.phase_memory = StepPhases(self.rt.device, steps=cfg.train.memory_phase_steps,
@@ -172,7 +172,8 @@ class Trainer:
             scale=cfg.data.crop_scale if cfg.data.augment else (1.0, 1.0),
             auto_augment=cfg.data.auto_augment if cfg.data.augment else "",
             text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split,
-            storage=storage_options(cfg.data))
+            storage=storage_options(cfg.data), prefetch_factor=cfg.data.prefetch_factor,
+            pixel_dtype=cfg.data.pixel_dtype)
 
     def _init_weights(self, resume_from: Path | None) -> dict[str, Any] | None:
         """``train.init_from``: the weights of a checkpoint or export, nothing else (a resume wins)."""
@@ -293,7 +294,8 @@ class Trainer:
         start = time.perf_counter()
         inputs = self.objective.prepare(self.step, batch, self._step_inputs(batch))  # mixup / concepts / keys
         inputs = self._pinned(inputs)
-        res = self.gradcache.step(inputs, self.loss_fn, chunk_loss=self.objective.chunk_loss)
+        res = self.gradcache.step(inputs, self.loss_fn, chunk_loss=self.objective.chunk_loss,
+                                  feed=self.objective.feed)  # uint8 pixels: normalised / mixed per chunk
         loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
         if not math.isfinite(loss) and not self._handle_nonfinite(loss):
             self.engine.zero_grad()  # skip: drop this step's gradients, do not advance
@@ -315,11 +317,17 @@ class Trainer:
             out["loss_scale"] = float(self.engine.loss_scale)
         return out
 
+    def _pixel_norm(self) -> tuple[Any, Any]:
+        """The loader transform's (mean, std): uint8 pixels (data.pixel_dtype) are normalised with them."""
+        transform = self.loader.dataset.transform
+        return tuple(transform.mean), tuple(transform.std)
+
     def _step_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         """This step's model inputs. Under the gradient cache on an accelerator they stay in host
         memory: each chunk is copied to the device right before its forward (both passes, and the
-        momentum keys' chunks), since at 1M pairs over 8 ranks one rank's pixels alone are ~79 GB.
-        Without the gradient cache (one plain forward) or on the CPU the batch moves whole."""
+        momentum keys' chunks), since at 1M pairs over 8 ranks one rank's pixels are ~20 GB as uint8
+        (~79 GB as fp32). Without the gradient cache (one plain forward) or on the CPU the batch
+        moves whole. uint8 pixels become float on the device (``Objective.feed``)."""
         if self.cfg.gradcache.enabled and self.rt.device.type != "cpu":
             return batch.model_inputs()
         return batch.to(self.rt.device).model_inputs()

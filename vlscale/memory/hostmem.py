@@ -1,0 +1,112 @@
+"""Host (CPU) memory of the data path: the local batches of pixels a rank holds at once.
+
+The GPU-side plan (:mod:`vlscale.memory.plan`) is the hard limit at small batches; at ZeroVL's
+1,048,576 pairs over 8 ranks the host is the next one. Each rank holds its whole local batch for the
+step (the gradient cache copies it to the device chunk by chunk), and its loader prepares more:
+
+* ``data.num_workers × data.prefetch_factor`` batches in the DataLoader's queues (shared memory),
+* one in the pin-memory thread / being collated, and the one being trained: ``+ 2``
+  (no workers: the one being trained and the next one's collate);
+* with ``data.pixel_dtype=float32`` and image mixup, the mixed copy of the step's batch (``+ 1``);
+  with ``uint8`` the mix happens on the device, chunk by chunk.
+
+A pixel is 1 byte as uint8, 4 as float32. 131,072 images of 3 × 224² are 19.7 GB as uint8 and 78.9 GB
+as float32, per batch. :func:`host_batch_memory` computes the total; :func:`check_host_memory`
+compares it with this machine's memory for the rank count of one node (the preflight's check).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+GB = 1e9
+
+
+def image_side(cfg: Any) -> int:
+    """Side of the training images: data.image_size, else model.image_size, else timm's default
+    input size for model.vision_model (224 when timm does not know it)."""
+    if cfg.data.image_size:
+        return int(cfg.data.image_size)
+    if cfg.model.image_size:
+        return int(cfg.model.image_size)
+    try:
+        import timm
+
+        return int(timm.models.get_pretrained_cfg(cfg.model.vision_model).input_size[-1])
+    except Exception:  # an unknown or custom model: the common size
+        return 224
+
+
+def host_batch_memory(cfg: Any, world_size: int, *, side: int | None = None) -> dict[str, Any]:
+    """Per-rank host bytes of the data path for ``cfg`` on ``world_size`` ranks (see the module text)."""
+    from vlscale.train.launchers import resolve_batch
+
+    micro, _, _ = resolve_batch(cfg.train, world_size)
+    side = side or image_side(cfg)
+    dtype = cfg.data.pixel_dtype
+    per_image = 3 * side * side * (1 if dtype == "uint8" else 4)
+    workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
+    batches = workers * prefetch + 2
+    if dtype == "float32" and cfg.techniques.mixup:
+        batches += 1
+    batch_bytes = micro * per_image + micro * cfg.model.context_length * 16  # pixels + tokens and mask (int64)
+    return {"local_batch": micro, "image_side": side, "pixel_dtype": dtype, "bytes_per_image": per_image,
+            "batches_held": batches, "batch_bytes": batch_bytes, "bytes_per_rank": batches * batch_bytes,
+            "min_bytes_per_rank": batch_bytes,
+            "formula": f"(num_workers {workers} × prefetch_factor {prefetch} + 2"
+                       + (" + 1 mixed copy" if batches > workers * prefetch + 2 else "") + ") local batches of "
+                       f"{micro:,} × ({dtype} 3×{side}² + tokens)"}
+
+
+def ranks_per_node(world_size: int) -> int:
+    """Ranks sharing this machine: the launcher's LOCAL_WORLD_SIZE (torchrun, accelerate) or
+    LOCAL_SIZE (deepspeed), else ``world_size`` (one node)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), world_size)
+    return world_size
+
+
+def machine_memory() -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) bytes of this machine from /proc/meminfo; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | None = None,
+                      local_ranks: int | None = None) -> tuple[str | None, str | None]:
+    """(error, warning) about the data path's host memory on this machine (None: fine / unknown).
+
+    Error: one local batch per rank already exceeds the machine's total memory. Warning: the
+    estimate with the loader's batches in flight exceeds the memory available now."""
+    memory = memory if memory is not None else machine_memory()
+    if memory is None:
+        return None, None
+    total, available = memory
+    ranks = local_ranks or ranks_per_node(world_size)
+    est = host_batch_memory(cfg, world_size)
+    fixes = []
+    if est["pixel_dtype"] == "float32":
+        fixes.append("data.pixel_dtype=uint8 (a quarter of the bytes)")
+    if cfg.data.num_workers:
+        fixes.append("fewer data.num_workers or a lower data.prefetch_factor")
+    fixes.append("more nodes (fewer ranks per node) or a smaller train.global_batch_size")
+    where = (f"{ranks} rank(s) on this machine, each holding {est['formula']} = "
+             f"{est['bytes_per_rank'] / GB:.1f} GB")
+    if est["min_bytes_per_rank"] * ranks > total:
+        return (f"host memory: one local batch per rank ({est['min_bytes_per_rank'] / GB:.1f} GB × {ranks} ranks) "
+                f"exceeds this machine's {total / GB:.1f} GB; use " + ", or ".join([fixes[0], fixes[-1]]
+                                                                                     if len(fixes) > 2 else fixes[-1:])), None
+    if est["bytes_per_rank"] * ranks > available:
+        return None, (f"host memory: {where}, {est['bytes_per_rank'] * ranks / GB:.1f} GB in all, more than the "
+                      f"{available / GB:.1f} GB available now; try " + ", ".join(fixes))
+    return None, None
+
+
+__all__ = ["check_host_memory", "host_batch_memory", "image_side", "machine_memory", "ranks_per_node"]
