@@ -244,3 +244,18 @@ def test_recipe_from_a_toml_file(tmp_path: Path) -> None:
     path.write_text("[train]\nlr = 0.002\n[nonsense]\nx = 1\n")
     with pytest.raises(ValueError, match="unknown key 'nonsense'"):
         load_recipe(str(path))
+
+
+def test_reduce_bucket_is_capped_at_the_model_unless_the_user_sets_it() -> None:
+    """DeepSpeed allocates reduce_bucket_size elements whatever the model's size: vlscale caps an
+    unset (or "auto") bucket at the trainable parameter count; a user's value and stage 0 are left."""
+    from vlscale.train.deepspeed_json import reduce_bucket, with_reduce_bucket
+
+    zero2 = {"zero_optimization": {"stage": 2}}
+    assert reduce_bucket(zero2, 5_070_000) == 5_070_000
+    assert reduce_bucket(zero2, 10**10) == 500_000_000
+    assert reduce_bucket({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, 123) == 123
+    assert reduce_bucket({"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345}}, 10**9) is None
+    assert reduce_bucket({"zero_optimization": {"stage": 0}}, 10**6) is None
+    capped = with_reduce_bucket(zero2, 777)
+    assert capped["zero_optimization"]["reduce_bucket_size"] == 777 and "reduce_bucket_size" not in zero2["zero_optimization"]

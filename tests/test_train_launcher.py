@@ -63,6 +63,8 @@ def test_deepspeed_launcher_zero2_two_ranks_and_exact_resume(tmp_path: Path) -> 
 
     ds = json.loads((full / "ds_config.json").read_text())
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["zero_optimization"]["stage"]) == (12, 6, 2)
+    # the reduce bucket capped at the tiny model's size instead of DeepSpeed's 5e8 elements (2 GB fp32)
+    assert 10**5 < ds["zero_optimization"]["reduce_bucket_size"] < 2 * 10**7
     losses = _losses(full)
     assert sorted(losses) == [1, 2, 3]
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]

@@ -186,6 +186,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     from vlscale import config as vlscale_config
     from vlscale.memory.hostmem import host_batch_memory
     from vlscale.memory.towers import chunk_cost, meta_counts
+    from vlscale.train.deepspeed_json import reduce_bucket
     from vlscale.train.dsconfig import resolve_batch
 
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -216,8 +217,10 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         devices = {k: (zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param")}
         offload = "+".join(n for n, k in (("optimizer", "optimizer"), ("params", "param"))
                            if devices[k] in ("cpu", "nvme"))
-        buffers = deepspeed_bucket_bytes(stage, precision, reduce_bucket_size=float(zero.get(
-            "reduce_bucket_size", DS_REDUCE_BUCKET)), overlap_comm=bool(zero.get("overlap_comm", False)))
+        bucket = reduce_bucket({"zero_optimization": zero}, params)  # what the trainer sets (capped at Ψ)
+        buffers = deepspeed_bucket_bytes(stage, precision, reduce_bucket_size=float(
+            bucket if bucket is not None else zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+            overlap_comm=bool(zero.get("overlap_comm", False)))
         if stage == 3:
             live = int(float(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)))
         # DeepSpeed flattens each AdamW group into one fp32 partition (ZeRO 1-3; FP16/BF16_Optimizer

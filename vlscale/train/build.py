@@ -113,6 +113,11 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
     return model
 
 
+def trainable(model: nn.Module) -> int:
+    """Trainable parameter count (whole tensors, also when ZeRO-3 has partitioned them)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+
+
 def _half_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
     """The working dtype a DeepSpeed config trains in (None = fp32)."""
     if ds_config.get("bf16", {}).get("enabled"):

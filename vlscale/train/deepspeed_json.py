@@ -257,3 +257,28 @@ def offload_devices(ds_config: dict[str, Any] | None) -> tuple[str, str]:
     zero = (ds_config or {}).get("zero_optimization") or {}
     dev = [((zero.get(k) or {}).get("device") or "none") for k in ("offload_optimizer", "offload_param")]
     return str(dev[0]), str(dev[1])
+
+
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+
+
+def reduce_bucket(ds_config: dict[str, Any], trainable_params: int) -> int | None:
+    """The reduce bucket vlscale sets: DeepSpeed allocates ``reduce_bucket_size`` elements for its
+    contiguous gradient bucket at every step's first backward whatever the model's size (2 GB of
+    fp32 for a 5M-parameter model), so when the config leaves it unset (or ``"auto"``) it is capped
+    at the trainable parameter count — the whole model's gradients still fit in one bucket, so the
+    reduction is unchanged. None: ZeRO stage 0, or the config sets it (the user's value wins)."""
+    zero = ds_config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0) or 0) < 1 or _given(zero.get("reduce_bucket_size")):
+        return None
+    return int(min(DS_REDUCE_BUCKET, max(1, trainable_params)))
+
+
+def with_reduce_bucket(ds_config: dict[str, Any], trainable_params: int) -> dict[str, Any]:
+    """``ds_config`` with :func:`reduce_bucket` applied (a copy; unchanged when it gives None)."""
+    size = reduce_bucket(ds_config, trainable_params)
+    if size is None:
+        return ds_config
+    out = copy.deepcopy(ds_config)
+    out["zero_optimization"]["reduce_bucket_size"] = size
+    return out

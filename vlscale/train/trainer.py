@@ -40,7 +40,8 @@ from vlscale.gradcache import GradCache
 from vlscale.memory.phases import StepPhases
 from vlscale.model.tokenizer import TokenStats, text_warning
 from vlscale.train import checkpoint as ckpt
-from vlscale.train.build import build_model, full_shapes
+from vlscale.train.build import build_model, full_shapes, trainable
+from vlscale.train.deepspeed_json import with_reduce_bucket
 from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
@@ -86,6 +87,8 @@ class Trainer:
         # Under ZeRO-3 the parameters are partitioned as they are created (see vlscale.train.build),
         # unless the launcher said zero3_init=false.
         self.model = build_model(cfg, self.rt.device, ds_config=self.ds_config if self.spec.zero3_init else None)
+        if self.ds_config is not None:  # DeepSpeed's reduce bucket capped at the model's size (unless set)
+            self.ds_config = self.spec.ds_config = with_reduce_bucket(self.ds_config, trainable(self.model))
         init_state = self._init_weights(resume_from)  # train.init_from: before the engine builds masters
         self.engine, self.optimizer, self.scheduler = self._build_engine()
         if init_state is not None:
