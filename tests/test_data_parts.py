@@ -10,6 +10,7 @@ import itertools
 from collections import Counter
 
 import pytest
+import torch
 
 from vlscale.data import build_loader
 from vlscale.data.sampling import DebiasedSchedule
@@ -188,9 +189,9 @@ def test_part_size_error_before_the_model(shards, tmp_path, monkeypatch: pytest.
     with pytest.raises(PreflightError, match=r"data\.part_size=5 does not divide the per-rank batch of 12 pairs "
                                              r"\(train\.global_batch_size=24 / 2 ranks\); fix: data\.part_size=4 or 6"):
         preflight(cfg, world_size=2)
-    with pytest.raises(PreflightError, match="data.part_size=5"):
+    with pytest.raises(PreflightError, match=r"data\.part_size=5"):
         trainer_mod.Trainer(cfg)
-    with pytest.raises(ValueError, match="data.part_size"):
+    with pytest.raises(ValueError, match=r"data\.part_size"):
         load_recipe("tiny-cpu", [*base, "data.part_size=-1"])
     # steps per rank with parts: 253 rows / (2 ranks x 2 workers) = 63 rows per worker, 15 parts of 4,
     # 30 parts per rank -> 10 steps of 3 parts; whole batches of 12: 5 per worker, 10 per rank
@@ -200,3 +201,67 @@ def test_part_size_error_before_the_model(shards, tmp_path, monkeypatch: pytest.
     assert batches_per_rank({"all": 100}, micro=12, world=2, workers=2) == 4
     assert batches_per_rank({"all": 90}, micro=12, world=2, workers=2) == 2  # 22 rows per worker: 1 batch each
     assert batches_per_rank({"all": 90}, micro=12, world=2, workers=2, part_size=4) == 4  # 5 parts each: 10 -> 4
+
+
+# -- assembling a step from parts ---------------------------------------------------------------
+def _part(rows: int, start: int, *, tokens: bool = True):
+    from vlscale.data.collate import Batch
+
+    pixels = torch.arange(start, start + rows, dtype=torch.uint8)[:, None, None, None].expand(rows, 3, 2, 2)
+    ids = torch.arange(start, start + rows)[:, None].expand(rows, 5).contiguous() if tokens else None
+    return Batch(pixels=pixels.contiguous(), tokens=ids, attention_mask=None if ids is None else ids.clone(),
+                 source=["s"] * rows, keys=[f"k{start + i}" for i in range(rows)], captions=["c"] * rows,
+                 concepts=None, worker=start % 2)
+
+
+def _assemble_and_check(assembler) -> None:
+    """Two epochs' steps of parts 3+3+2 | 3+0, with and without tokens, against plain concatenation."""
+    for tokens in (True, False):
+        parts = [_part(3, 0, tokens=tokens), _part(3, 3, tokens=tokens), _part(2, 6, tokens=tokens),
+                 _part(3, 8, tokens=tokens), _part(0, 11, tokens=tokens)]
+        want = [concat_steps(parts[:3], 3), concat_steps(parts[3:], 3)]
+        want = [next(w) for w in want]
+        got = []
+        for step in assembler.steps(iter(parts), 3):
+            got.append((step.pixels.clone(), None if step.tokens is None else step.tokens.clone(), list(step.keys)))
+        assert [g[2] for g in got] == [w.keys for w in want] == [[f"k{i}" for i in range(8)], ["k8", "k9", "k10"]]
+        for (pix, tok, _), w in zip(got, want):
+            assert torch.equal(pix.cpu(), w.pixels) and (tok is None) == (w.tokens is None)
+            assert tok is None or torch.equal(tok.cpu(), w.tokens)
+    with pytest.raises(ValueError, match="more than the local batch of 8 rows"):
+        list(assembler.steps(iter([_part(3, 0)] * 3), 3))
+
+
+def test_step_buffer_assembly_matches_concatenation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pinned step buffer's copy-in logic on CPU (page-locking and the device sync stubbed):
+    the step is the parts' concatenation, a short last group is a short step, the buffer is reused."""
+    from vlscale.train import assemble
+
+    made = []
+
+    def plain(self, shape, dtype):
+        made.append(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(assemble.PinnedStep, "_page_locked", plain)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assembler = assemble.StepAssembler(8, torch.device("cpu"))
+    assembler.pinned = assemble.PinnedStep(8, torch.device("cpu"))
+    _assemble_and_check(assembler)
+    assert made.count((8, 3, 2, 2)) == 1  # one pixel buffer for every step
+    whole = assemble.StepAssembler(8, torch.device("cpu")).steps(iter([_part(3, 0)]), 1)
+    assert next(whole).keys == ["k0", "k1", "k2"]  # one part per step: the parts as they are
+
+
+@pytest.mark.gpu
+def test_step_buffer_is_page_locked_on_cuda() -> None:
+    from vlscale.train.assemble import StepAssembler
+
+    assembler = StepAssembler(8, torch.device("cuda"))
+    _assemble_and_check(assembler)
+    step = next(assembler.steps(iter([_part(3, 0), _part(3, 3)]), 3))
+    assert step.pixels.is_pinned() and step.pixels.device.type == "cpu"
+    on_gpu = step.pixels.to("cuda", non_blocking=True)
+    step = next(assembler.steps(iter([_part(2, 20)]), 3))  # overwrites the buffer after a sync
+    assert on_gpu[:, 0, 0, 0].tolist() == list(range(6)) and step.pixels[:, 0, 0, 0].tolist() == [20, 21]
+    assembler.close()

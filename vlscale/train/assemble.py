@@ -86,7 +86,11 @@ class PinnedStep:
     def _page_locked(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype)
         nbytes = buf.numel() * buf.element_size()
-        if nbytes and int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+        try:
+            ok = nbytes and int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0
+        except (RuntimeError, AttributeError):  # a build without the runtime bindings
+            ok = False
+        if ok:
             self._registered.append(buf)  # unregistered in close(), before the memory is freed
             return buf
         log.warning("cudaHostRegister failed for a %.1f GB step buffer: using torch's pinned allocator",

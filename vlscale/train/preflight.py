@@ -63,7 +63,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     """Check ``cfg`` for ``world_size`` ranks; raise :class:`PreflightError` or return the warnings."""
     found = Findings([], [])
     micro = _check_batch(cfg, world_size, found)
-    if micro and not _check_parts(cfg, micro, world_size, found):
+    if micro and _check_parts(cfg, micro, world_size, found):
         _check_chunks(cfg, micro, world_size, found)
         _check_host(cfg, world_size, found)
         _check_rows(cfg, micro, world_size, found)
