@@ -80,6 +80,8 @@ class PinnedStep:
         shape = (self.rows, *like.shape[1:])
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+            if buf is not None:
+                self._release(buf)
             self.buffers[name] = buf = self._page_locked(shape, like.dtype)
         return buf
 
@@ -97,8 +99,8 @@ class PinnedStep:
                     nbytes / 1e9)
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def fill(self, group: Iterable[Batch]) -> Batch:
-        """Copy the parts of one step into the buffer as they arrive; the step's views."""
+    def fill(self, group: Iterable[Batch]) -> Batch | None:
+        """Copy the parts of one step into the buffer as they arrive; the step's views (None: no part)."""
         torch.cuda.synchronize(self.device)  # the last step's non_blocking chunk copies read this buffer
         at, views, lists, last = 0, {}, {name: [] for name in SAMPLE_FIELDS if name not in _TENSORS}, None
         for part in group:
@@ -116,14 +118,20 @@ class PinnedStep:
             at, last = stop, part
             del part  # the part's tensors are freed now, not at the end of the step
         if last is None:
-            raise ValueError("a step needs at least one part")
+            return None
         views = {name: None if buf is None else buf[:at] for name, buf in views.items()}
         return Batch(**views, **lists, worker=last.worker, state=last.state, stats=last.stats)
 
-    def close(self) -> None:
-        for buf in self._registered:
+    def _release(self, buf: torch.Tensor) -> None:
+        if any(b is buf for b in self._registered):
+            torch.cuda.synchronize(self.device)
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-        self._registered, self.buffers = [], {}
+            self._registered = [b for b in self._registered if b is not buf]
+
+    def close(self) -> None:
+        for buf in list(self._registered):
+            self._release(buf)
+        self.buffers = {}
 
 
 class StepAssembler:
@@ -141,22 +149,17 @@ class StepAssembler:
             yield from concat_steps(parts, parts_per_step)
             return
         it = iter(parts)
-        while True:
-            first = next(it, None)
-            if first is None:
-                return
-            yield self.pinned.fill(_take(first, it, parts_per_step - 1))
+        while (step := self.pinned.fill(_take(it, parts_per_step))) is not None:
+            yield step
 
     def close(self) -> None:
         if self.pinned is not None:
             self.pinned.close()
 
 
-def _take(first: Batch, it: Iterator[Batch], more: int) -> Iterator[Batch]:
-    """``first``, then up to ``more`` further parts (fewer at the end of the epoch)."""
-    yield first
-    del first
-    for _ in range(more):
+def _take(it: Iterator[Batch], n: int) -> Iterator[Batch]:
+    """Up to ``n`` parts of ``it`` (fewer at the end of the epoch), one at a time."""
+    for _ in range(n):
         part = next(it, None)
         if part is None:
             return
