@@ -9,20 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from test_train_resume import LOCAL, overrides
+from test_train_resume import (
+    LOCAL,
+    _one_thread,  # noqa: F401 - autouse: one intra-op thread on the shared CPU
+    overrides,
+)
 
 from vlscale.config import load_recipe
 from vlscale.data.synthetic import write_synthetic_shards
 from vlscale.train.trainer import train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
