@@ -187,12 +187,12 @@ def test_host_batch_memory_by_hand() -> None:
     batches in flight; float32 with image mixup adds the mixed copy."""
     from vlscale.memory.hostmem import host_batch_memory
 
-    u8 = host_batch_memory(_cfg("train.global_batch_size=1048576"), 8)
+    u8 = host_batch_memory(_cfg("train.global_batch_size=1048576", "data.part_size=0"), 8)  # whole batches
     batch = 131072 * (3 * 224 * 224 + _cfg().model.context_length * 16)
     assert (u8["local_batch"], u8["image_side"], u8["bytes_per_image"]) == (131072, 224, 3 * 224 * 224)
     assert (u8["batches_held"], u8["batch_bytes"], u8["bytes_per_rank"]) == (18, batch, 18 * batch)
     f32 = host_batch_memory(_cfg("train.global_batch_size=1048576", "data.pixel_dtype=float32",
-                                 "data.num_workers=2", "data.prefetch_factor=1"), 8)
+                                 "data.num_workers=2", "data.prefetch_factor=1", "data.part_size=0"), 8)
     assert f32["bytes_per_image"] == 4 * 3 * 224 * 224 and f32["batches_held"] == 2 * 1 + 2 + 1  # + mixed copy
     assert "mixed copy" in f32["formula"] and "mixed copy" not in u8["formula"]
 
@@ -204,7 +204,7 @@ def test_host_memory_check_errors_warns_and_names_the_fix(monkeypatch: pytest.Mo
     gb = 10**9
     err, warn = check_host_memory(cfg, 8, memory=(512 * gb, 500 * gb), local_ranks=8)
     assert warn is None and "exceeds this machine's 512.0 GB" in err and "data.pixel_dtype=uint8" in err
-    ok_cfg = _cfg("train.global_batch_size=1048576")
+    ok_cfg = _cfg("train.global_batch_size=1048576", "data.part_size=0")
     err, warn = check_host_memory(ok_cfg, 8, memory=(512 * gb, 500 * gb), local_ranks=8)
     assert err is None and "data.prefetch_factor" in warn and "8 rank(s) on this machine" in warn
     assert check_host_memory(_cfg(), 8, memory=(512 * gb, 500 * gb), local_ranks=8) == (None, None)

@@ -47,28 +47,36 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=24, n_eval=4, size=32)
 
 
-def test_world_size_change_keeps_one_source_per_step_and_each_sample_once(corrupt: Path) -> None:
-    """2 ranks (old rank 0's step 7 is short) resumed after step 2 on 1, 3 and 4 ranks."""
-    def make(rank: int, world: int, micro: int, workers: int):
-        return build_loader(corrupt, image_size=4, batch_size=micro, rank=rank, world_size=world, num_workers=workers,
-                            seed=1, debiased=True, train=True, shuffle_buffer=8)
+@pytest.mark.parametrize("part", [0, 3], ids=["whole", "parts"])
+def test_world_size_change_keeps_one_source_per_step_and_each_sample_once(corrupt: Path, part: int) -> None:
+    """2 ranks (old rank 0's step 7 is short) resumed after step 2 on 1, 3 and 4 ranks; with
+    data.part_size=3 the old ranks' parts are assembled into their steps first."""
+    from vlscale.train.assemble import concat_steps
 
-    full = [list(make(r, 2, 6, 1)) for r in range(2)]
+    def make(rank: int, world: int, micro: int, workers: int, part_size: int = part):
+        return build_loader(corrupt, image_size=4, batch_size=micro, rank=rank, world_size=world, num_workers=workers,
+                            seed=1, debiased=True, train=True, shuffle_buffer=8, part_size=part_size)
+
+    n = 6 // part if part else 1
+    full = [list(concat_steps(make(r, 2, 6, 1), n)) for r in range(2)]
     assert [len(b) for b in full[0]][6] == 3, "the data no longer makes a short step: fix the test"
     old = [make(r, 2, 6, 1) for r in range(2)]
     for ld in old:
         it = iter(ld)
-        next(it), next(it)
+        for _ in range(2 * n):
+            next(it)
     states = {r: ld.state_dict() for r, ld in enumerate(old)}
-    for world in (1, 3, 4):
+    for world in (1, 3, 4) if not part else (1, 4):  # parts of 3 must divide the new per-rank batch
         new = [ResplitLoader(make, states, old_world=2, rank=r, world=world, micro=12 // world,
                              next_loader=make(r, world, 12 // world, 1)) for r in range(world)]
+        assert {ld.parts_per_step for ld in new} == {1}  # the re-split epoch yields whole steps
         per_rank = [list(ld) for ld in new]
         assert {len(b) for b in per_rank} == {len(full[0]) - 2}
         for t, parts in enumerate(zip(*per_rank)):
             assert len({s for b in parts for s in b.source}) == 1, f"{world} ranks, step {t + 3}: mixed sources"
             want = full[0][t + 2].keys + full[1][t + 2].keys  # the old run's global batch, rank order
             assert [k for b in parts for k in b.keys] == want, f"{world} ranks, step {t + 3}"
+        assert {ld.parts_per_step for ld in new} == {12 // world // part if part else 1}  # then the new split's
 
 
 @pytest.mark.dist

@@ -44,8 +44,13 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     prefetch_factor: int = 2
-    """Batches each worker prepares ahead; a rank's host memory holds about num_workers ×
-    prefetch_factor + 2 local batches of pixels (``vlscale memory plan`` prints the total)."""
+    """Units (local batches, or parts with part_size) each worker prepares ahead; a rank's host
+    memory holds about num_workers × prefetch_factor + 2 of them (``vlscale memory plan`` prints the total)."""
+    part_size: int = 0
+    """Rows of the loader's unit, a part of the per-rank batch (must divide it; 0 = the whole local
+    batch). A step is micro / part_size consecutive parts, so every worker works on every step and
+    the host holds one step buffer + num_workers × prefetch_factor parts, not as many local batches
+    (docs/data.md). Changes which samples share a step, not which are seen."""
     pixel_dtype: Literal["uint8", "float32"] = "uint8"
     """How training pixels travel from the loader to the device: 'uint8' (the decoded values: a quarter
     of fp32's host memory and copies, normalised and mixed on the device chunk by chunk) or 'float32'
@@ -91,6 +96,7 @@ class DataConfig:
                f"must be 0 (from the model) or >= 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        _check(self.part_size >= 0, "data.part_size", f"must be >= 0 (0 = whole local batches), got {self.part_size}")
         _check(self.pixel_dtype in ("uint8", "float32"), "data.pixel_dtype",
                f"must be 'uint8' or 'float32', got {self.pixel_dtype!r}")
         for name in ("io_retries", "readahead"):

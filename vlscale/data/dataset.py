@@ -18,6 +18,13 @@ Logical vs DataLoader workers: the DataLoader hands out work round-robin startin
 0. To resume in the middle of a round, ``ShardLoader`` rotates the mapping (DataLoader worker i
 plays logical worker ``(offset + i) % W``), so the interleaving of batches continues as it would
 have without the interruption.
+
+Parts (``part_size``): the unit a worker makes may be a *part* of a step, ``part_size`` rows, and a
+step ``batch_size / part_size`` consecutive parts of the rank (the trainer assembles them,
+:mod:`vlscale.train.assemble`). Every worker then works on every step, and the host holds
+``num_workers × prefetch_factor`` parts in flight instead of as many whole local batches. Mixed
+mode simply batches each worker's range by ``part_size``; debiased mode makes item ``i`` of a rank
+part ``i % n`` of global step ``i // n`` (``sampling.py``). ``part_size=0``: the unit is the step.
 """
 
 from __future__ import annotations
@@ -56,13 +63,20 @@ class ShardDataset(IterableDataset):
                  tokenizer: Callable | None = None, max_length: int = 77, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1024, drop_last: bool = False,
                  debiased: bool = False, on_error: str = "raise", with_concepts: bool = False,
-                 caption_masker: CaptionMasker | None = None, pixel_dtype: str = "float32") -> None:
+                 caption_masker: CaptionMasker | None = None, pixel_dtype: str = "float32",
+                 part_size: int = 0) -> None:
         super().__init__()
         if pixel_dtype not in PIXEL_DTYPES:
             raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
         if batch_size <= 0 or max_length <= 0 or world_size <= 0:
             raise ValueError(f"batch_size ({batch_size}), max_length ({max_length}) and world_size "
                              f"({world_size}) must be positive")
+        if part_size < 0 or (part_size and batch_size % part_size):
+            raise ValueError(f"part_size ({part_size}) must divide the per-rank batch of {batch_size} rows (0 = whole "
+                             f"batches); fix: a divisor of {batch_size}, e.g. {_divisor_near(batch_size, part_size)}")
+        self.part_size = part_size
+        self.part = part_size or batch_size  # rows of one unit a worker makes
+        self.parts_per_step = batch_size // self.part
         self.index, self.transform, self.tokenizer = index, transform, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -89,7 +103,8 @@ class ShardDataset(IterableDataset):
     def schedule(self, epoch: int | None = None) -> DebiasedSchedule:
         """The debiased schedule of ``epoch`` (default: the configured one); the same on every rank."""
         return DebiasedSchedule(self.index.source_counts(), world_size=self.world_size, batch_size=self.batch_size,
-                                drop_last=self.drop_last, seed=self.seed, epoch=self.epoch if epoch is None else epoch)
+                                drop_last=self.drop_last, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+                                parts=self.parts_per_step)
 
     # -- partition -----------------------------------------------------------------------------
     def _orders(self) -> dict[str, tuple[int, list[int], int]]:
@@ -105,11 +120,19 @@ class ShardDataset(IterableDataset):
         return RowStream(self.index, spans, buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
                          stream_id=(s, g), shuffle=self.shuffle, on_error=self.on_error)
 
-    def batches_per_epoch(self, num_workers: int) -> int:
-        """Batches this rank yields in one epoch. Debiased: exactly the number of global steps.
-        Mixed: exact unless samples are skipped (then an upper bound)."""
+    def steps_per_epoch(self, num_workers: int) -> int:
+        """Steps this rank makes in one epoch: its units grouped ``parts_per_step`` at a time (a
+        short last group is a step). Debiased: exactly the global steps."""
         if self.debiased:
             return len(self.schedule())
+        return -(-self.batches_per_epoch(num_workers) // self.parts_per_step)
+
+    def batches_per_epoch(self, num_workers: int) -> int:
+        """Units (whole batches, or parts with ``part_size``) this rank yields in one epoch.
+        Debiased: exactly the global steps × parts per step. Mixed: exact unless samples are
+        skipped (then an upper bound)."""
+        if self.debiased:
+            return len(self.schedule()) * self.parts_per_step
         total, num_workers = 0, max(1, num_workers)
         for w in range(num_workers):
             g, num_global = global_worker(self.rank, self.world_size, w, num_workers)
@@ -117,7 +140,7 @@ class ShardDataset(IterableDataset):
                 rows = sum(self.index.units[u].rows for u in units)
                 lo, hi = worker_range(rows, g, num_global, rows // num_global if self.drop_last else None)
                 n = hi - lo
-                total += n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+                total += n // self.part if self.drop_last else -(-n // self.part)
         return total
 
     # -- iteration -----------------------------------------------------------------------------
@@ -143,8 +166,9 @@ class ShardDataset(IterableDataset):
             schedule = self.schedule()
             ranges = schedule.worker_rows(self.rank, worker, self.num_workers)
             streams = {n: self._stream(s, order, ranges[n], g) for n, (s, order, _) in orders.items()}
-            steps = ((schedule.source(t), schedule.rows(t, self.rank), (self.rank, t, _STEP_KEY))
-                     for t in range(worker + k * self.num_workers, len(schedule), self.num_workers))
+            n = self.parts_per_step  # item i: part i % n of global step i // n
+            steps = ((schedule.source(i // n), schedule.part_rows(i, self.rank), (self.rank, i, _STEP_KEY))
+                     for i in range(worker + k * self.num_workers, len(schedule) * n, self.num_workers))
             unassigned = 0
         else:
             (s, order, total), = orders.values()
@@ -179,8 +203,8 @@ class ShardDataset(IterableDataset):
                      k: int) -> Iterator[tuple[str, int, tuple[int, ...]]]:
         """Mixed mode: (stream, rows wanted, batch position) while the stream has rows (a full
         batch's worth with drop_last)."""
-        while stream.num_rows - positions.get(MIXED, 0) >= (self.batch_size if self.drop_last else 1):
-            yield MIXED, self.batch_size, (g, k)
+        while stream.num_rows - positions.get(MIXED, 0) >= (self.part if self.drop_last else 1):
+            yield MIXED, self.part, (g, k)
             k += 1
 
     def _collate(self, images: list[np.ndarray], rows: list[dict], position: tuple[int, ...]) -> Batch:
@@ -218,9 +242,15 @@ class ShardDataset(IterableDataset):
         return images, rows, end
 
 
+def _divisor_near(n: int, want: int) -> int:
+    """The divisor of ``n`` closest to ``want`` (the fix an error message names)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+
+
 def batch_rng(seed: int, epoch: int, *position: int) -> random.Random:
-    """The augmentation RNG of one batch, a pure function of its position: ``(g, k)`` (batch
-    ``k`` of global worker ``g``, mixed mode) or ``(rank, step, _STEP_KEY)`` (debiased)."""
+    """The augmentation RNG of one unit, a pure function of its position: ``(g, k)`` (unit ``k``
+    of global worker ``g``, mixed mode) or ``(rank, i, _STEP_KEY)`` (debiased: item ``i`` of the
+    rank, which is global step ``i`` without parts)."""
     state = np.random.SeedSequence([seed, epoch, *position, _AUG_SALT]).generate_state(2, np.uint64)
     return random.Random(int(state[0]) << 64 | int(state[1]))
 

@@ -7,6 +7,10 @@ training loop actually received (batches still in the prefetch queue are not cou
 worker the round-robin visits next — enough to resume with exactly the batches an uninterrupted
 run would have produced, in the same order. ``stats`` sums the workers' skip counts.
 
+With ``part_size`` the loader yields parts (``parts_per_step`` of them make one step of this rank;
+the trainer assembles them, :mod:`vlscale.train.assemble`); a checkpoint is taken between steps,
+so the saved position is always at a step boundary.
+
 RNG isolation: a DataLoader iterator draws its workers' base seed from ``generator`` (the global
 torch RNG when none is given), so creating one would shift the trainer's dropout / mixup draws
 after a resume. Each pass gets its own generator seeded from (seed, epoch, rank): iterating the
@@ -61,8 +65,18 @@ class ShardLoader:
         return max(1, self.num_workers)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (exact unless samples are skipped, then an upper bound)."""
+        """Units (batches, or parts) per epoch on this rank (exact unless samples are skipped, then
+        an upper bound)."""
         return self.dataset.batches_per_epoch(self.logical_workers)
+
+    @property
+    def parts_per_step(self) -> int:
+        """Consecutive units that make one step (1 without ``part_size``)."""
+        return self.dataset.parts_per_step
+
+    def steps_per_epoch(self) -> int:
+        """Steps per epoch on this rank (a short last group of parts is a step)."""
+        return self.dataset.steps_per_epoch(self.logical_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""
@@ -111,7 +125,7 @@ class ShardLoader:
         ds = self.dataset
         return {"num_workers": self.logical_workers, "world_size": ds.world_size, "rank": ds.rank, "seed": ds.seed,
                 "batch_size": ds.batch_size, "num_rows": ds.index.num_rows, "debiased": ds.debiased,
-                "drop_last": ds.drop_last, "shuffle_buffer": ds.shuffle_buffer}
+                "drop_last": ds.drop_last, "shuffle_buffer": ds.shuffle_buffer, "part_size": ds.part_size}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank's stream (save it with the checkpoint)."""
@@ -126,8 +140,8 @@ class ShardLoader:
             raise ValueError(f"loader state version {version} != {STATE_VERSION}" + (
                 " (a debiased checkpoint of an older vlscale: its per-worker schedule cannot be continued by "
                 "the global one; restart the epoch with loader.set_epoch)" if version == 1 else ""))
-        mismatched = {k: (v, state["config"].get(k)) for k, v in self._fingerprint().items()
-                      if state["config"].get(k) != v}
+        saved = {"part_size": 0, **state["config"]}  # checkpoints from before data.part_size: whole batches
+        mismatched = {k: (v, saved.get(k)) for k, v in self._fingerprint().items() if saved.get(k) != v}
         if mismatched:
             raise ValueError("cannot resume exactly: loader settings differ from the checkpoint "
                              f"(name: (now, saved)) {mismatched}")
@@ -141,7 +155,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
                  train: bool = True, batch_size: int = 64, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 0, seed: int = 0, debiased: bool = False, shuffle: bool | None = None,
                  shuffle_buffer: int = 1024, drop_last: bool | None = None, max_length: int = 77,
-                 on_error: str = "raise", pin_memory: bool | None = None, prefetch_factor: int = 2,
+                 on_error: str = "raise", pin_memory: bool | None = None, prefetch_factor: int = 2, part_size: int = 0,
                  with_concepts: bool | None = None, scale: tuple[float, float] = (0.9, 1.0),
                  hflip: float = 0.0, draft: bool | None = None, auto_augment: str = "",
                  text_mask_prob: float = 0.0,
@@ -162,6 +176,8 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
     ``pixel_dtype``: ``"float32"`` batches hold normalised pixels; ``"uint8"`` the decoded values
     (a quarter of the host memory), normalised by the consumer with the transform's mean / std
     (``loader.dataset.transform``; the trainer does it on the device: :mod:`vlscale.train.pixels`).
+    ``part_size`` (a divisor of ``batch_size``; 0 = whole batches): the loader yields parts of that
+    many rows, ``batch_size / part_size`` consecutive ones per step (:mod:`vlscale.data.dataset`).
     ``shards`` may be URLs (``s3://``, ``gs://``, ``hf://`` …); ``storage`` sets their retries,
     read-ahead and local cache (:class:`vlscale.data.fs.StorageOptions`).
     """
@@ -183,7 +199,7 @@ def build_loader(shards: str | Path | list[str | Path], *, tokenizer: Callable |
         world_size=world_size, seed=seed, shuffle=train if shuffle is None else shuffle,
         shuffle_buffer=shuffle_buffer, drop_last=train if drop_last is None else drop_last, debiased=debiased,
         on_error=on_error, with_concepts=any(index.has_concepts) if with_concepts is None else with_concepts,
-        caption_masker=masker, pixel_dtype=pixel_dtype)
+        caption_masker=masker, pixel_dtype=pixel_dtype, part_size=part_size)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

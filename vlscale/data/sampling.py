@@ -22,7 +22,11 @@ Rows: each epoch a source's record batches are put in one seeded order (``epoch_
 ``r`` owns the contiguous range ``worker_range(N_s, r, world_size)`` of that sequence. A rank's
 ``k``-th batch is global step ``k``, produced by logical DataLoader worker ``k % num_workers``
 (the DataLoader visits workers round-robin), so within a rank's range worker ``w`` gets one
-contiguous piece holding exactly the rows of its steps of ``s``. With ``drop_last`` the rows of
+contiguous piece holding exactly the rows of its steps of ``s``. With ``parts`` per step
+(``data.part_size``) the loader's unit is a part: a rank's item ``i`` is part ``i % parts`` of step
+``i // parts``, made by worker ``i % num_workers``, and a worker's piece holds the rows of its
+parts (a full step's part has ``batch_size / parts`` rows; a short step's rows are split evenly
+over its parts). ``parts=1`` is the whole-step schedule above, item for item. With ``drop_last`` the rows of
 a rank's range beyond its full steps (fewer than ``batch_size`` + the source's last partial
 global batch) are spares, split over the workers: a worker that skipped a corrupt sample fills its
 batch from the next rows, the spares last. Spare rows left at the end of the epoch are counted as
@@ -53,9 +57,12 @@ class DebiasedSchedule:
     """
 
     def __init__(self, sizes: Mapping[str, int], *, world_size: int, batch_size: int, drop_last: bool,
-                 seed: int, epoch: int) -> None:
-        if world_size <= 0 or batch_size <= 0:
-            raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be positive")
+                 seed: int, epoch: int, parts: int = 1) -> None:
+        if world_size <= 0 or batch_size <= 0 or parts <= 0:
+            raise ValueError(f"world_size ({world_size}), batch_size ({batch_size}) and parts ({parts}) must be positive")
+        if batch_size % parts:
+            raise ValueError(f"{parts} parts per step do not divide the batch of {batch_size} rows")
+        self.parts = parts
         if any(int(n) < 0 for n in sizes.values()):
             raise ValueError(f"source sizes must be >= 0, got {dict(sizes)}")
         self.names = sorted(sizes)
@@ -90,6 +97,12 @@ class DebiasedSchedule:
         s = int(self.sources[t])
         return self.batch_size if self.occurrence[t] < self.full[s] else self._tail_share(s, rank)
 
+    def part_rows(self, i: int, rank: int) -> int:
+        """Rows of rank ``rank``'s item ``i``: part ``i % parts`` of step ``i // parts``."""
+        t, j = divmod(i, self.parts)
+        lo, hi = worker_range(self.rows(t, rank), j, self.parts)
+        return hi - lo
+
     def steps_left(self, t: int) -> dict[str, int]:
         """Global batches each source has left before step ``t`` (its draw is ∝ these)."""
         done = np.bincount(self.sources[:t], minlength=len(self.names))
@@ -101,12 +114,16 @@ class DebiasedSchedule:
         ``worker`` of rank ``rank`` reads, in order: its steps' rows, then its share of spares."""
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker {worker} out of range for {num_workers} workers")
-        t = np.arange(len(self.sources))
         is_full = self.occurrence < self.full[self.sources]
         tail_share = np.array([self._tail_share(s, rank) for s in range(len(self.names))], dtype=np.int64)
         need = np.where(is_full, self.batch_size, tail_share[self.sources])
-        # rows of each (source, worker): worker w makes the steps t with t % num_workers == w
-        per = np.bincount(self.sources * num_workers + t % num_workers, weights=need,
+        # items: part j of step t is item t * parts + j, with worker_range(need, j, parts)'s rows
+        i = np.arange(len(self.sources) * self.parts)
+        t, j = i // self.parts, i % self.parts
+        need = (j + 1) * need[t] // self.parts - j * need[t] // self.parts
+        sources = self.sources[t]
+        # rows of each (source, worker): worker w makes the items i with i % num_workers == w
+        per = np.bincount(sources * num_workers + i % num_workers, weights=need,
                           minlength=len(self.names) * num_workers).astype(np.int64).reshape(-1, num_workers)
         out = {}
         for s, name in enumerate(self.names):

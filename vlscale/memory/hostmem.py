@@ -10,6 +10,11 @@ step (the gradient cache copies it to the device chunk by chunk), and its loader
 * with ``data.pixel_dtype=float32`` and image mixup, the mixed copy of the step's batch (``+ 1``);
   with ``uint8`` the mix happens on the device, chunk by chunk.
 
+With ``data.part_size`` the loader's unit is a part of the local batch (:mod:`vlscale.train.assemble`):
+the host holds the one step buffer the parts are copied into (one local batch), plus
+``num_workers × prefetch_factor + 1`` *parts* in flight (the queues, and the part being copied in).
+At 1M pairs over 8 ranks with 8 workers, parts of 256 rows take a rank from 356 GB to ~20 GB.
+
 A pixel is 1 byte as uint8, 4 as float32. 131,072 images of 3 × 224² are 19.7 GB as uint8 and 78.9 GB
 as float32, per batch. :func:`host_batch_memory` computes the total; :func:`check_host_memory`
 compares it with this machine's memory for the rank count of one node (the preflight's check).
@@ -21,6 +26,12 @@ import os
 from typing import Any
 
 GB = 1e9
+LARGE_BATCH = 4096  # local batches from here on are worth splitting into parts (data.part_size)
+
+
+def _part_hint(micro: int) -> int:
+    """A data.part_size to suggest: the largest divisor of ``micro`` up to 256."""
+    return max(d for d in range(1, min(micro, 256) + 1) if micro % d == 0)
 
 
 def image_side(cfg: Any) -> int:
@@ -47,16 +58,25 @@ def host_batch_memory(cfg: Any, world_size: int, *, side: int | None = None) -> 
     dtype = cfg.data.pixel_dtype
     per_image = 3 * side * side * (1 if dtype == "uint8" else 4)
     workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
-    batches = workers * prefetch + 2
-    if dtype == "float32" and cfg.techniques.mixup:
-        batches += 1
-    batch_bytes = micro * per_image + micro * cfg.model.context_length * 16  # pixels + tokens and mask (int64)
+    part = cfg.data.part_size if 0 < cfg.data.part_size < micro else 0  # part_size = micro: whole batches
+    mixed_copy = dtype == "float32" and cfg.techniques.mixup
+    per_row = per_image + cfg.model.context_length * 16  # pixels + tokens and mask (int64)
+    batch_bytes = micro * per_row
+    if part:  # one step buffer (+ the mixed copy), and parts in flight
+        batches, parts = 1 + mixed_copy, workers * prefetch + 1
+    else:
+        batches, parts = workers * prefetch + 2 + mixed_copy, 0
+    total = batches * batch_bytes + parts * part * per_row
+    what = f"× ({dtype} 3×{side}² + tokens)"
+    if part:
+        formula = (f"1 step buffer{' + 1 mixed copy' if mixed_copy else ''} of {micro:,} + (num_workers {workers} × "
+                   f"prefetch_factor {prefetch} + 1) parts of {part:,} (data.part_size) {what}")
+    else:
+        formula = (f"(num_workers {workers} × prefetch_factor {prefetch} + 2"
+                   + (" + 1 mixed copy" if mixed_copy else "") + f") local batches of {micro:,} {what}")
     return {"local_batch": micro, "image_side": side, "pixel_dtype": dtype, "bytes_per_image": per_image,
-            "batches_held": batches, "batch_bytes": batch_bytes, "bytes_per_rank": batches * batch_bytes,
-            "min_bytes_per_rank": batch_bytes,
-            "formula": f"(num_workers {workers} × prefetch_factor {prefetch} + 2"
-                       + (" + 1 mixed copy" if batches > workers * prefetch + 2 else "") + ") local batches of "
-                       f"{micro:,} × ({dtype} 3×{side}² + tokens)"}
+            "part_size": part, "batches_held": batches, "parts_held": parts, "batch_bytes": batch_bytes,
+            "bytes_per_rank": total, "min_bytes_per_rank": batch_bytes, "formula": formula}
 
 
 def ranks_per_node(world_size: int) -> int:
@@ -94,6 +114,9 @@ def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | No
     fixes = []
     if est["pixel_dtype"] == "float32":
         fixes.append("data.pixel_dtype=uint8 (a quarter of the bytes)")
+    if not est["part_size"] and est["local_batch"] >= LARGE_BATCH:
+        fixes.append(f"data.part_size={_part_hint(est['local_batch'])} (workers make parts of the local batch: "
+                     "one step buffer + workers × prefetch parts in flight)")
     if cfg.data.num_workers:
         fixes.append("fewer data.num_workers or a lower data.prefetch_factor")
     fixes.append("more nodes (fewer ranks per node) or a smaller train.global_batch_size")
@@ -101,8 +124,8 @@ def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | No
              f"{est['bytes_per_rank'] / GB:.1f} GB")
     if est["min_bytes_per_rank"] * ranks > total:
         return (f"host memory: one local batch per rank ({est['min_bytes_per_rank'] / GB:.1f} GB × {ranks} ranks) "
-                f"exceeds this machine's {total / GB:.1f} GB; use " + ", or ".join([fixes[0], fixes[-1]]
-                                                                                     if len(fixes) > 2 else fixes[-1:])), None
+                f"exceeds this machine's {total / GB:.1f} GB; use " + ", or ".join(
+                    [f for f in fixes if f.startswith("data.pixel_dtype")] + fixes[-1:])), None
     if est["bytes_per_rank"] * ranks > available:
         return None, (f"host memory: {where}, {est['bytes_per_rank'] * ranks / GB:.1f} GB in all, more than the "
                       f"{available / GB:.1f} GB available now; try " + ", ".join(fixes))

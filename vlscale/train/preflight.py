@@ -4,13 +4,15 @@
 the world size) and before the model, the engine or a loader exists, so a run that cannot work
 fails in seconds with one message instead of minutes later inside a data worker:
 
-* **batch arithmetic** — ``train.global_batch_size`` must split evenly over the ranks;
+* **batch arithmetic** — ``train.global_batch_size`` must split evenly over the ranks, and
+  ``data.part_size`` (the loader's unit) must divide the per-rank batch;
 * **rows vs ranks × workers × batch** — the loader gives every (rank, worker) pair an equal share
   of each stream's rows and makes *full* batches inside each worker, so a shard set of N rows
   yields ``N // (ranks × workers) // micro_batch`` batches per worker; none at all is an error that
   names which knob fixes it (fewer workers, a smaller batch, more rows). Under ``data.debiased`` a
   step is one global batch of one source, so a source of N rows gives ``N // global_batch`` steps
-  whatever the workers. The row counts come from the shard index (record-batch metadata: nothing
+  whatever the workers. With ``data.part_size`` a worker makes parts, and a rank's step is
+  ``micro / part_size`` of them (its last one per epoch may be short). The row counts come from the shard index (record-batch metadata: nothing
   is decoded);
 * **chunk size vs local batch** — a gradient-cache chunk at least as large as the per-rank batch
   means one chunk per step: the cache then only adds a second forward (a warning);
@@ -61,7 +63,7 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     """Check ``cfg`` for ``world_size`` ranks; raise :class:`PreflightError` or return the warnings."""
     found = Findings([], [])
     micro = _check_batch(cfg, world_size, found)
-    if micro:
+    if micro and _check_parts(cfg, micro, world_size, found):
         _check_chunks(cfg, micro, world_size, found)
         _check_host(cfg, world_size, found)
         _check_rows(cfg, micro, world_size, found)
@@ -88,6 +90,20 @@ def _check_batch(cfg: Config, world: int, found: Findings) -> int:
         f"dividing {glob} ({', '.join(map(str, divisors[-4:]))}, …)"
         + (", or train.micro_batch_size=0 (derived)" if cfg.train.micro_batch_size else ""))
     return 0
+
+
+def _check_parts(cfg: Config, micro: int, world: int, found: Findings) -> bool:
+    """False (and an error) when data.part_size does not divide the per-rank batch."""
+    part = cfg.data.part_size
+    if not part or micro % part == 0:
+        return True
+    divisors = [d for d in range(1, micro + 1) if micro % d == 0]
+    near = sorted(divisors, key=lambda d: (abs(d - part), d))[:2]
+    found.errors.append(
+        f"data.part_size={part} does not divide the per-rank batch of {micro} pairs (train.global_batch_size="
+        f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: data.part_size="
+        + " or ".join(map(str, sorted(near))) + " (a divisor of the per-rank batch), or data.part_size=0 (whole batches)")
+    return False
 
 
 def _check_chunks(cfg: Config, micro: int, world: int, found: Findings) -> None:
@@ -161,15 +177,23 @@ def _check_concepts(cfg: Config, found: Findings) -> None:
             "during training)")
 
 
-def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False) -> int:
-    """Full batches one rank makes per epoch. Mixed sampling: every (rank, worker) gets
-    ``rows // (world × workers)`` rows of the stream (drop_last) and batches them on its own.
-    Debiased: one batch per global step, ``rows_s // (world × micro)`` steps per source, whatever
-    the workers (the global schedule of :mod:`vlscale.data.sampling`)."""
+def units_per_rank(rows: dict[str, int], *, unit: int, world: int, workers: int) -> int:
+    """Full units (batches, or parts) one rank's workers make per epoch under mixed sampling:
+    every (rank, worker) gets ``rows // (world × workers)`` rows of the stream (drop_last)."""
+    workers = max(1, workers)
+    return sum(workers * ((n // (world * workers)) // unit) for n in rows.values())
+
+
+def batches_per_rank(rows: dict[str, int], *, micro: int, world: int, workers: int, debiased: bool = False,
+                     part_size: int = 0) -> int:
+    """Steps one rank makes per epoch. Mixed sampling: the (rank, worker) streams' full units
+    (:func:`units_per_rank`), grouped ``micro / part_size`` parts to a step, the last group
+    possibly short. Debiased: one step per global step, ``rows_s // (world × micro)`` per source,
+    whatever the workers and parts (the global schedule of :mod:`vlscale.data.sampling`)."""
     if debiased:
         return sum(n // (world * micro) for n in rows.values())
-    workers = max(1, workers)
-    return sum(workers * ((n // (world * workers)) // micro) for n in rows.values())
+    part = part_size or micro
+    return -(-units_per_rank(rows, unit=part, world=world, workers=workers) // (micro // part))
 
 
 def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
@@ -187,7 +211,9 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
     workers = max(1, cfg.data.num_workers)
     total = sum(rows.values())
     debiased = cfg.data.debiased
-    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers, debiased=debiased)
+    part = cfg.data.part_size or micro
+    per_rank = batches_per_rank(rows, micro=micro, world=world, workers=workers, debiased=debiased,
+                                part_size=part)
     streams = world * workers
     if per_rank == 0 and debiased:  # one global batch per step from one source: workers do not matter
         biggest = max(rows.values(), default=0) // world
@@ -201,20 +227,23 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
     if per_rank == 0:
         fixes = []
         for nw in range(cfg.data.num_workers - 1, -1, -1):
-            if batches_per_rank(rows, micro=micro, world=world, workers=nw):
+            if batches_per_rank(rows, micro=micro, world=world, workers=nw, part_size=part):
                 fixes.append(f"data.num_workers={nw}")
                 break
         biggest = max(rows.values()) // streams
         if biggest >= 1:
-            fixes.append(f"train.global_batch_size={biggest * world} (or less)")
-        fixes.append(f"at least {micro * streams} rows")
+            fit = max(d for d in range(1, min(biggest, micro) + 1) if micro % d == 0)
+            fixes.append(f"data.part_size={fit} (or a smaller divisor of {micro})" if part < micro else
+                         f"train.global_batch_size={biggest * world} (or less)")
+        fixes.append(f"at least {part * streams} rows")
         found.errors.append(
             f"data.train_shards={cfg.data.train_shards}: {total} rows split over {_n(world, 'rank')} × "
             f"{_n(workers, 'loader worker')} = {_n(streams, 'stream')} of ~{total // streams} rows"
-            f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
-            f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: " + ", or ".join(fixes))
+            + (f", fewer than one part of {part} pairs (data.part_size) per stream" if part < micro else
+               f", fewer than one full batch of {micro} pairs per stream (train.global_batch_size="
+               f"{cfg.train.global_batch_size} / {_n(world, 'rank')})") + "; fix: " + ", or ".join(fixes))
         return
-    used = per_rank * micro * world
+    used = (per_rank * micro if debiased else units_per_rank(rows, unit=part, world=world, workers=workers) * part) * world
     if total and (total - used) / total > DROP_WARN:
         split = ("each source's last partial global batch" if debiased else
                  f"partial batches of {_n(streams, 'stream')} = {_n(world, 'rank')} × {_n(workers, 'worker')}")

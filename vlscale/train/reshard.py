@@ -22,7 +22,10 @@ have made, then cut into the new ranks' shares (:class:`ResplitLoader`) — by e
 nominal rows, so an old batch left short by skipped samples shortens only the new rank covering
 its missing rows (the trainer evens the step out) and no row is read twice. Under debiased
 sampling every step of the re-split stays one source (the old ranks' step k is the old global
-step k). From the next epoch on, the new split takes over. Every row is seen exactly once per epoch and the global batches are
+step k). With ``data.part_size`` each old rank's parts (of the checkpoint's part size) are first
+assembled into its old steps, and the re-split epoch yields whole steps. A resume that changes
+``data.part_size`` at the same world size goes through the same path: the saved positions mean
+something only in the old parts, so the epoch ends in them and the new part size starts with the next. From the next epoch on, the new split takes over. Every row is seen exactly once per epoch and the global batches are
 exactly the uninterrupted run's; only dropout and the other per-rank random draws differ (they
 are seeded per rank, and there are other ranks now), so losses match to rounding, not bit for bit.
 """
@@ -42,6 +45,7 @@ from typing import Any
 import torch.distributed as dist
 
 from vlscale.data.collate import Batch
+from vlscale.train.assemble import concat_steps
 
 log = logging.getLogger(__name__)
 UNIVERSAL_TAG = "engine_universal"
@@ -115,11 +119,18 @@ def old_stream_states(states: dict[int, dict[str, Any]], saved_world: int) -> tu
     return old_world, out
 
 
+def needs_resplit(states: dict[int, dict[str, Any]], part_size: int) -> bool:
+    """Whether the checkpoint's data stream must be finished in its own split: it is still
+    re-splitting, or its loader made parts of another size than ``data.part_size`` now."""
+    loaders = [extra["loader"] for extra in states.values()]
+    return any("resplit" in st or int(st.get("config", {}).get("part_size", 0)) != part_size for st in loaders)
+
+
 class ResplitLoader:
     """The rest of an epoch in the old split's global batches, cut into this rank's share; then
     ``next_loader`` (this world's split) from the following epoch. Quacks like ``ShardLoader``."""
 
-    def __init__(self, make_loader: Callable[[int, int, int, int], Any], states: dict[int, dict], *,
+    def __init__(self, make_loader: Callable[..., Any], states: dict[int, dict], *,
                  old_world: int, rank: int, world: int, micro: int, next_loader: Any) -> None:
         self.next_loader, self.old_world = next_loader, old_world
         self.rank, self.world, self.micro = rank, world, micro
@@ -133,7 +144,8 @@ class ResplitLoader:
         self.old: dict[int, Any] = {}
         for r in self.sources:
             cfg = states[r]["config"]
-            loader = make_loader(r, old_world, self.old_micro, int(cfg["num_workers"]))
+            loader = make_loader(r, old_world, self.old_micro, int(cfg["num_workers"]),
+                                 part_size=int(cfg.get("part_size", 0)))
             loader.load_state_dict(states[r])
             self.old[r] = loader
         self.epoch = int(states[self.sources[0]]["epoch"])
@@ -141,6 +153,11 @@ class ResplitLoader:
         self.dropped = 0
         log.info("data: the rest of epoch %d is read in the checkpoint's %d-rank split (old ranks %s for rank %d), "
                  "then this run's %d-rank split", self.epoch, old_world, self.sources, rank, world)
+
+    @property
+    def parts_per_step(self) -> int:
+        """1 during the re-split epoch (it yields whole steps), then the new split's."""
+        return 1 if self.active else self.next_loader.parts_per_step
 
     @property
     def stats(self) -> dict[str, int]:
@@ -154,7 +171,7 @@ class ResplitLoader:
         if not self.active:
             yield from self.next_loader
             return
-        iters = {r: iter(loader) for r, loader in self.old.items()}
+        iters = {r: concat_steps(loader, loader.parts_per_step) for r, loader in self.old.items()}
         lo, hi = self.rank * self.micro, (self.rank + 1) * self.micro
         while True:
             parts = {r: next(it, None) for r, it in iters.items()}

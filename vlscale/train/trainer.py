@@ -9,7 +9,8 @@ Build order (each step needs the previous one):
    tokenization), before anything is built;
 2. model (single-device code; under ZeRO-3 built partitioned, :mod:`vlscale.train.build`) → AdamW with weight-decay exclusions → cosine schedule → engine
    (DeepSpeed / FSDP2 / local), which wraps them from outside;
-3. the resumable Arrow loader for this rank, the gradient cache over the engine, the loss;
+3. the resumable Arrow loader for this rank (its unit a part of the step with ``data.part_size``:
+   :mod:`vlscale.train.assemble`), the gradient cache over the engine, the loss;
 4. ``--resume``: engine state, data-stream position and RNG states from the checkpoint (at
    another world size through :mod:`vlscale.train.reshard`); or ``train.init_from``: only the
    weights of a checkpoint / export, loaded before the engine wraps the model (step 0).
@@ -40,6 +41,7 @@ from vlscale.gradcache import GradCache
 from vlscale.memory.phases import StepPhases
 from vlscale.model.tokenizer import TokenStats, text_warning
 from vlscale.train import checkpoint as ckpt
+from vlscale.train.assemble import StepAssembler, rng_isolated
 from vlscale.train.build import build_model, full_shapes, trainable
 from vlscale.train.deepspeed_json import with_reduce_bucket
 from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
@@ -95,6 +97,7 @@ class Trainer:
             ckpt.set_masters(self.engine, init_state)  # exact fp32 masters under fp16 / bf16
             del init_state
         self.loader = self._build_loader()
+        self.assembler = StepAssembler(self.micro, self.rt.device)  # parts -> steps (data.part_size)
         torch.manual_seed(cfg.train.seed + 1 + 1000 * self.rt.rank)  # per-rank dropout / mixup
         gc = cfg.gradcache
         sizes = {k: v for k, v in (("image", gc.image_chunk_size), ("text", gc.text_chunk_size)) if v}
@@ -161,9 +164,10 @@ class Trainer:
     def _build_loader(self) -> Any:
         return self._make_loader(self.rt.rank, self.rt.world_size, self.micro, self.cfg.data.num_workers)
 
-    def _make_loader(self, rank: int, world_size: int, batch_size: int, num_workers: int) -> Any:
+    def _make_loader(self, rank: int, world_size: int, batch_size: int, num_workers: int,
+                     part_size: int | None = None) -> Any:
         """This run's loader, or (re-split after a world-size change) an old rank's loader."""
-        cfg = self.cfg
+        cfg, part = self.cfg, self.cfg.data.part_size if part_size is None else part_size
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at a folder of Arrow shards")
         return build_loader(
@@ -176,7 +180,8 @@ class Trainer:
             auto_augment=cfg.data.auto_augment if cfg.data.augment else "",
             text_mask_prob=cfg.data.text_mask_prob, text_mask_split=cfg.data.text_mask_split,
             storage=storage_options(cfg.data), prefetch_factor=cfg.data.prefetch_factor,
-            pixel_dtype=cfg.data.pixel_dtype)
+            pixel_dtype=cfg.data.pixel_dtype, part_size=part,
+            pin_memory=False if part and batch_size > part else None)  # parts are copied into a pinned step
 
     def _init_weights(self, resume_from: Path | None) -> dict[str, Any] | None:
         """``train.init_from``: the weights of a checkpoint or export, nothing else (a resume wins)."""
@@ -197,7 +202,7 @@ class Trainer:
 
         states = ckpt.rank_states(path)
         saved_world, world, rank = ckpt.saved_world_size(path), self.rt.world_size, self.rt.rank
-        resplit = any("resplit" in extra["loader"] for extra in states.values())
+        resplit = reshard.needs_resplit(states, self.cfg.data.part_size)  # or data.part_size changed
         if saved_world == world and not resplit:
             state = ckpt.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer,
                                          scheduler=self.scheduler, loader=self.loader)
@@ -232,16 +237,12 @@ class Trainer:
 
         A pass that starts mid-epoch may yield nothing: a checkpoint taken right after an epoch's
         last batch resumes at that epoch's end (the loader advances the epoch when the pass ends).
-        Only a pass from an epoch's beginning that yields nothing means the data is too small."""
+        Only a pass from an epoch's beginning that yields nothing means the data is too small.
+        With ``data.part_size`` the loader yields parts, assembled into steps (``self.assembler``)."""
         while True:
             empty = True
             fresh = not self.loader.state_dict()["worker_states"]  # no position saved: epoch start
-            epoch = iter(self.loader)
-            while True:
-                with torch.random.fork_rng(devices=[]):
-                    batch = next(epoch, None)
-                if batch is None:
-                    break
+            for batch in self.assembler.steps(rng_isolated(self.loader), getattr(self.loader, "parts_per_step", 1)):
                 empty = False
                 batch = self._even(batch)
                 if batch is not None:
@@ -425,6 +426,7 @@ class Trainer:
                                     trainer_state=trainer_state, keep=self.cfg.train.keep_checkpoints)
 
     def close(self) -> None:
+        self.assembler.close()
         shutdown(self.rt)
 
 
