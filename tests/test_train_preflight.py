@@ -117,3 +117,60 @@ def test_mangled_text_warns_before_training(real_text: Path) -> None:
     assert any("sampled captions" in w and "model.tokenizer_words=[]" in w for w in warnings), warnings
     clean = preflight(cfg_for(real_text, "data.num_workers=0", "model.context_length=32"), world_size=1)
     assert not any("captions" in w for w in clean), clean
+
+
+def _preflight_rank(rank: int, world: int, port: int, fail: str, out: str) -> None:
+    """One rank of a gloo group running preflight_all_ranks with a stand-in check that fails on
+    rank 0 (``fail``) and would raise a rank-1-only "transient" error if rank 1 ran it."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from vlscale.train import preflight as pf
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+
+    def check(cfg: object, world_size: int) -> list[str]:
+        calls.append(rank)
+        if rank == 1:
+            raise OSError("transient read error seen by rank 1 only")
+        if fail == "config":
+            raise pf.PreflightError("config check failed before building the model:\n  - boom")
+        if fail == "crash":
+            raise OSError("s3://bucket/shards: connection reset")
+        return [f"a warning for {world_size} ranks"]
+
+    pf.preflight = check
+    try:
+        result = ["ok", pf.preflight_all_ranks(None, world, rank=rank)]
+    except Exception as exc:
+        result = [type(exc).__name__, str(exc)]
+    Path(out, f"{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("fail", ["none", "config", "crash"])
+def test_preflight_outcome_is_rank_zeros_on_every_rank(fail: str, tmp_path: Path) -> None:
+    """Rank 0 checks and broadcasts: every rank returns the same warnings or raises the same error,
+    so a failure one rank alone sees cannot leave the others waiting in the next collective."""
+    import json
+
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    mp.spawn(_preflight_rank, args=(2, free_port(), fail, str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["calls"] for r in res] == [[0], []]  # only rank 0 ran the checks
+    if fail == "none":
+        assert [r["result"] for r in res] == [["ok", ["a warning for 2 ranks"]]] * 2
+    elif fail == "config":
+        assert [r["result"][0] for r in res] == ["PreflightError"] * 2 and "boom" in res[1]["result"][1]
+    else:
+        assert res[0]["result"] == ["OSError", "s3://bucket/shards: connection reset"]
+        assert res[1]["result"] == ["RuntimeError", "the config check failed on rank 0: OSError: "
+                                    "s3://bucket/shards: connection reset"]

@@ -29,7 +29,10 @@ fails in seconds with one message instead of minutes later inside a data worker:
   :func:`vlscale.model.tokenizer.audit_texts`).
 
 Errors raise :class:`PreflightError` (a ``ValueError``) listing every error found; warnings are
-returned (and logged by the caller on rank 0).
+returned (and logged by the caller on rank 0). In a multi-rank run :func:`preflight_all_ranks` runs
+the checks on rank 0 only and broadcasts the outcome, so every rank raises the same error (a
+transient failure seen by one rank alone would otherwise leave the others waiting in the next
+collective) and the shards' index is read once, not once per rank.
 """
 
 from __future__ import annotations
@@ -73,6 +76,34 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     if found.errors:
         raise PreflightError("config check failed before building the model:\n  - " + "\n  - ".join(found.errors))
     return found.warnings
+
+
+def preflight_all_ranks(cfg: Config, world_size: int, *, rank: int, group: Any = None) -> list[str]:
+    """:func:`preflight` on rank 0, its outcome broadcast: every rank returns the same warnings or
+    raises the same error. Without an initialised process group (or one rank) it is ``preflight``.
+    (The host-memory check then sees rank 0's machine: the nodes of a run are alike.)"""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return preflight(cfg, world_size)
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            outcome[0] = ("ok", preflight(cfg, world_size))
+        except PreflightError as exc:
+            outcome[0], error = ("config", str(exc)), exc
+        except Exception as exc:  # any failure must reach every rank, not only this one
+            outcome[0], error = ("crash", f"{type(exc).__name__}: {exc}"), exc
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    kind, value = outcome[0]
+    if error is not None:
+        raise error  # rank 0 keeps its own traceback
+    if kind == "config":
+        raise PreflightError(value)
+    if kind == "crash":
+        raise RuntimeError(f"the config check failed on rank 0: {value}")
+    return value
 
 
 def _check_batch(cfg: Config, world: int, found: Findings) -> int:

@@ -48,7 +48,7 @@ from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
 from vlscale.train.losses import build_loss_fn
 from vlscale.train.metrics import MetricsLogger, memory_stats
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
-from vlscale.train.preflight import preflight
+from vlscale.train.preflight import preflight_all_ranks
 from vlscale.train.runtime import Runtime, init_runtime, rows_per_rank, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class Trainer:
         self.cfg = cfg = self.spec.config
         self.rt: Runtime = init_runtime(cfg)
         setup_logging(self.rt.rank)
-        for warning in preflight(cfg, self.rt.world_size):  # raises before anything is built
+        # raises before anything is built; rank 0 checks, every rank gets its outcome
+        for warning in preflight_all_ranks(cfg, self.rt.world_size, rank=self.rt.rank,
+                                           group=self.rt.process_group):
             if self.rt.is_main:
                 log.warning("config: %s", warning)
         if self.rt.is_main:
