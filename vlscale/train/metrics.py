@@ -25,6 +25,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
+NOT_SKIPS = ("samples", "dropped_tail", "short_batch")
+"""Loader counters that are not samples skipped for bad data (besides the remote-read ``io_*``)."""
+
+
+def data_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """``data/<counter>`` for the loader's counters, and ``data/skipped``: the samples skipped for bad
+    data, by any reason — not the epoch-end rows (dropped_tail), the count of short batches
+    (short_batch), the delivered samples or the remote-read counters (io_*)."""
+    out = {f"data/{k}": float(v) for k, v in stats.items()}
+    out["data/skipped"] = float(sum(v for k, v in stats.items() if k not in NOT_SKIPS and not k.startswith("io_")))
+    return out
+
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""

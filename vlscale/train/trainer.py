@@ -46,20 +46,15 @@ from vlscale.train.build import build_model, full_shapes, trainable
 from vlscale.train.deepspeed_json import with_reduce_bucket
 from vlscale.train.launchers import EngineSpec, resolve_batch, resolve_launch
 from vlscale.train.losses import build_loss_fn
-from vlscale.train.metrics import MetricsLogger, memory_stats
+from vlscale.train.metrics import MetricsLogger, data_metrics, memory_stats
+from vlscale.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # re-exported
+from vlscale.train.nonfinite import handle_nonfinite
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
 from vlscale.train.preflight import preflight_all_ranks
 from vlscale.train.runtime import Runtime, init_runtime, rows_per_rank, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-NOT_SKIPS = ("samples", "dropped_tail", "short_batch")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf and train.on_nonfinite says to stop (or the skip budget ran out)."""
 
 
 class Trainer:
@@ -347,19 +342,8 @@ class Trainer:
 
     def _handle_nonfinite(self, loss: float) -> bool:
         """True to go on with the step anyway (fp16: the engine skips it), False to skip it; or raise."""
-        t = self.cfg.train
-        if t.precision == "fp16" and self.engine.kind == "deepspeed":
-            return True  # the loss scaler sees the inf/NaN gradients, skips and lowers the scale
-        msg = (f"non-finite loss ({loss}) at step {self.step + 1}: check lr (train.lr={t.lr}), "
-               "precision, and the data of this batch")
-        if t.on_nonfinite == "stop":
-            raise NonFiniteLossError(msg + "; set train.on_nonfinite=skip to skip such steps")
-        self.counters["nonfinite_skips"] += 1
-        if self.counters["nonfinite_skips"] > t.max_nonfinite_skips:
-            raise NonFiniteLossError(f"{msg}; {self.counters['nonfinite_skips']} steps skipped, more than "
-                                     f"train.max_nonfinite_skips={t.max_nonfinite_skips}")
-        log.warning("%s: step skipped (%d so far)", msg, self.counters["nonfinite_skips"])
-        return False
+        return handle_nonfinite(loss, step=self.step + 1, train=self.cfg.train, engine_kind=self.engine.kind,
+                                counters=self.counters)
 
     def _clip(self) -> None:
         # DeepSpeed clips inside step() (gradient_clipping in its config); the others clip here,
@@ -374,12 +358,7 @@ class Trainer:
 
     def _slow_metrics(self) -> dict[str, float]:
         """Metrics worth a little time, only on logged steps: skips, memory, temperature."""
-        stats = self.loader.stats
-        out = {f"data/{k}": float(v) for k, v in stats.items()}
-        # Samples skipped for bad data, by reason; not the epoch-end rows (dropped_tail), the count of
-        # short batches (short_batch) or the remote-read counters (io_*).
-        out["data/skipped"] = float(sum(v for k, v in stats.items()
-                                        if k not in NOT_SKIPS and not k.startswith("io_")))
+        out = data_metrics(self.loader.stats)
         out.update({f"train/{k}": float(v) for k, v in self.counters.items()})
         out.update(memory_stats(self.rt.device))
         if self.text_stats is not None:  # since the last logged step, this rank's batches
