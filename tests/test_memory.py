@@ -123,12 +123,19 @@ def test_report_renders() -> None:
 
 # -- trackers --------------------------------------------------------------------------------------
 def test_tracker_rss_records_known_tensor() -> None:
+    """A 64 MiB tensor on fresh pages shows as 64 MiB of RSS growth. (The tensor lives in its own
+    anonymous mapping: a plain torch allocation may reuse heap pages an earlier test left resident,
+    which RSS cannot see — that made this test flaky in a full-suite process.)"""
+    import mmap
+
     tracker = MemoryTracker("cpu", interval=0.001)
     assert tracker.backend == "rss"
     with tracker.phase("alloc"):
-        x = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, pages touched
+        buf = mmap.mmap(-1, 64 * 2**20)
+        x = torch.frombuffer(buf, dtype=torch.float32).fill_(1.0)  # 64 MiB, pages touched
         time.sleep(0.02)
     del x
+    buf.close()
     with tracker.phase("idle"):
         pass
     rec = {r.name: r for r in tracker.records}
