@@ -40,6 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlscale.data.collate import PIXEL_DTYPES, Batch, CaptionMasker, EndOfStream, collate, sample_seeds
 from vlscale.data.fs import IO_STATS
+from vlscale.divisors import nearest_divisors
 from vlscale.data.sampling import MIXED, DebiasedSchedule
 from vlscale.data.stream import RowStream, ShardIndex, epoch_order, global_worker, worker_range, worker_spans
 from vlscale.data.transforms import ImageTransform
@@ -73,7 +74,7 @@ class ShardDataset(IterableDataset):
                              f"({world_size}) must be positive")
         if part_size < 0 or (part_size and batch_size % part_size):
             raise ValueError(f"part_size ({part_size}) must divide the per-rank batch of {batch_size} rows (0 = whole "
-                             f"batches); fix: a divisor of {batch_size}, e.g. {_divisor_near(batch_size, part_size)}")
+                             f"batches); fix: a divisor of {batch_size}, e.g. {nearest_divisors(batch_size, part_size)[0]}")
         self.part_size = part_size
         self.part = part_size or batch_size  # rows of one unit a worker makes
         self.parts_per_step = batch_size // self.part
@@ -240,11 +241,6 @@ class ShardDataset(IterableDataset):
             if len(rows) == need:
                 break
         return images, rows, end
-
-
-def _divisor_near(n: int, want: int) -> int:
-    """The divisor of ``n`` closest to ``want`` (the fix an error message names)."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
 
 
 def batch_rng(seed: int, epoch: int, *position: int) -> random.Random:

@@ -41,14 +41,16 @@ def move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=pinned)
 
 
+def rows_to(t: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
+    """Rows ``[start, stop)`` of ``t`` on ``device``: a view when already there, else a copy of
+    those rows only (the slice is taken on the source device, then moved)."""
+    rows = t[start:stop]
+    return rows if on_device(rows, device) else move(rows, device)
+
+
 def chunk_to(inputs: dict[str, Tensor], start: int, stop: int, device: torch.device) -> dict[str, Tensor]:
-    """Rows ``[start, stop)`` of every input, on ``device``: views when already there, else a
-    copy of those rows only (the slice is taken on the source device, then moved)."""
-    out = {}
-    for name, value in inputs.items():
-        rows = value[start:stop]
-        out[name] = rows if on_device(rows, device) else move(rows, device)
-    return out
+    """Rows ``[start, stop)`` of every input, on ``device`` (:func:`rows_to`)."""
+    return {name: rows_to(value, start, stop, device) for name, value in inputs.items()}
 
 
 def describe(inputs: dict[str, Tensor], device: torch.device) -> str | None:

@@ -25,13 +25,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vlscale.divisors import divisors
+
 GB = 1e9
 LARGE_BATCH = 4096  # local batches from here on are worth splitting into parts (data.part_size)
 
 
 def _part_hint(micro: int) -> int:
     """A data.part_size to suggest: the largest divisor of ``micro`` up to 256."""
-    return max(d for d in range(1, min(micro, 256) + 1) if micro % d == 0)
+    return max(d for d in divisors(micro) if d <= 256)
 
 
 def image_side(cfg: Any) -> int:

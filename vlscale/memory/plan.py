@@ -47,8 +47,8 @@ BACKWARD_TRANSIENT_FACTOR = 1.25
 # CUDA context + cuBLAS/cuDNN workspaces: outside torch's allocator, so outside every prediction.
 DEFAULT_CONTEXT_RESERVE = 0.75 * GIB
 DEFAULT_ALLOCATOR_SLACK = 0.05
-# DeepSpeed's defaults when the ds_config does not set them.
-DS_REDUCE_BUCKET = 5e8
+# DeepSpeed's default when the ds_config does not set it (the reduce bucket's is capped by the
+# trainer: vlscale.train.deepspeed_json.reduce_bucket).
 DS_PREFETCH_BUCKET = 5e7
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 1e3, "m": 2**20, "mib": 2**20, "mb": 1e6,
@@ -186,7 +186,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
     from vlscale import config as vlscale_config
     from vlscale.memory.hostmem import host_batch_memory
     from vlscale.memory.towers import chunk_cost, meta_counts
-    from vlscale.train.deepspeed_json import reduce_bucket
+    from vlscale.train.deepspeed_json import DS_REDUCE_BUCKET, reduce_bucket
     from vlscale.train.dsconfig import resolve_batch
 
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -220,7 +220,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         bucket = reduce_bucket({"zero_optimization": zero}, params)  # what the trainer sets (capped at Ψ)
         buffers = deepspeed_bucket_bytes(stage, precision, reduce_bucket_size=float(
             bucket if bucket is not None else zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
-            overlap_comm=bool(zero.get("overlap_comm", False)))
+            overlap_comm=bool(zero.get("overlap_comm", False)))  # (the default only at stage 0: 0 bytes)
         if stage == 3:
             live = int(float(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)))
         # DeepSpeed flattens each AdamW group into one fp32 partition (ZeRO 1-3; FP16/BF16_Optimizer

@@ -120,9 +120,15 @@ class MixPlan:
         return F.normalize(mixed, dim=-1) if renormalize else mixed
 
 
+def mix_pair(x: Tensor, partner: Tensor, lam: float) -> Tensor:
+    """``lam·x + (1−lam)·partner``: the one mixing arithmetic (whole batches here, chunks in
+    :class:`vlscale.train.pixels.PixelFeed`), so both give the same bits."""
+    return lam * x + (1.0 - lam) * partner
+
+
 def mix_reversed(x: Tensor, lam: float) -> Tensor:
     """``lam·x + (1−lam)·x.flip(0)`` along the batch dimension."""
-    return lam * x + (1.0 - lam) * x.flip(0)
+    return mix_pair(x, x.flip(0), lam)
 
 
 def _check_batch(x: Tensor, batch_size: int, name: str) -> None:

@@ -50,15 +50,7 @@ def group_parts(parts: Iterable[Batch], n: int) -> Iterator[list[Batch]]:
     if n <= 0:
         raise ValueError(f"parts per step must be positive, got {n}")
     it = iter(parts)
-    while True:
-        group = []
-        for _ in range(n):  # stops at n: never asks the loader for the next step's first part
-            part = next(it, None)
-            if part is None:
-                break
-            group.append(part)
-        if not group:
-            return
+    while group := list(_take(it, n)):  # stops at n: never asks the loader for the next step's first part
         yield group
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from vlscale.data.collate import normalize
-from vlscale.gradcache.transfer import chunk_to, move, on_device
+from vlscale.gradcache.transfer import chunk_to, rows_to
+from vlscale.techniques.mixup import mix_pair
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ class PixelFeed:
         if "pixels" not in inputs:
             return out
         pixels = inputs["pixels"]
-        x = self.normalize(_rows(pixels, start, stop, device))
+        x = self.normalize(rows_to(pixels, start, stop, device))
         if self.lam is not None:
             rows = pixels.shape[0]
-            partner = self.normalize(_rows(pixels, rows - stop, rows - start, device)).flip(0)
-            x = self.lam * x + (1.0 - self.lam) * partner
+            partner = self.normalize(rows_to(pixels, rows - stop, rows - start, device)).flip(0)
+            x = mix_pair(x, partner, self.lam)
         out["pixels"] = x
         return out
 
@@ -73,11 +74,6 @@ class PixelFeed:
             raise ValueError("uint8 pixels need the data transform's mean and std to be normalised: "
                              "build PixelFeed(mean, std) from the loader's transform")
         return normalize(pixels, self.mean, self.std)
-
-
-def _rows(t: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
-    rows = t[start:stop]
-    return rows if on_device(rows, device) else move(rows, device)
 
 
 __all__ = ["PixelFeed"]

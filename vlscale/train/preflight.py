@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlscale.config import Config
+from vlscale.divisors import divisors, nearest_divisors
 
 log = logging.getLogger(__name__)
 CAPTION_SAMPLE = 512  # captions read for the tokenizer audit
@@ -113,12 +114,12 @@ def _check_batch(cfg: Config, world: int, found: Findings) -> int:
         return micro
     lo, hi = (glob // world) * world, (glob // world + 1) * world
     sizes = " or ".join(str(s) for s in (lo, hi) if s >= world)
-    divisors = [d for d in range(1, min(glob, 64) + 1) if glob % d == 0]
+    small = [d for d in divisors(glob) if d <= 64] if glob >= 1 else []
     found.errors.append(
         f"train.global_batch_size={glob} does not split over {_n(world, 'rank')}"
         + (f" with train.micro_batch_size={cfg.train.micro_batch_size}" if cfg.train.micro_batch_size else "")
         + f"; fix: train.global_batch_size={sizes} (a multiple of the world size), or run on a world size "
-        f"dividing {glob} ({', '.join(map(str, divisors[-4:]))}, …)"
+        f"dividing {glob} ({', '.join(map(str, small[-4:]))}, …)"
         + (", or train.micro_batch_size=0 (derived)" if cfg.train.micro_batch_size else ""))
     return 0
 
@@ -128,12 +129,11 @@ def _check_parts(cfg: Config, micro: int, world: int, found: Findings) -> bool:
     part = cfg.data.part_size
     if not part or micro % part == 0:
         return True
-    divisors = [d for d in range(1, micro + 1) if micro % d == 0]
-    near = sorted(divisors, key=lambda d: (abs(d - part), d))[:2]
+    near = nearest_divisors(micro, part, 2)
     found.errors.append(
         f"data.part_size={part} does not divide the per-rank batch of {micro} pairs (train.global_batch_size="
         f"{cfg.train.global_batch_size} / {_n(world, 'rank')}); fix: data.part_size="
-        + " or ".join(map(str, sorted(near))) + " (a divisor of the per-rank batch), or data.part_size=0 (whole batches)")
+        + " or ".join(map(str, near)) + " (a divisor of the per-rank batch), or data.part_size=0 (whole batches)")
     return False
 
 
@@ -263,7 +263,7 @@ def _check_rows(cfg: Config, micro: int, world: int, found: Findings) -> None:
                 break
         biggest = max(rows.values()) // streams
         if biggest >= 1:
-            fit = max(d for d in range(1, min(biggest, micro) + 1) if micro % d == 0)
+            fit = max(d for d in divisors(micro) if d <= biggest)
             fixes.append(f"data.part_size={fit} (or a smaller divisor of {micro})" if part < micro else
                          f"train.global_batch_size={biggest * world} (or less)")
         fixes.append(f"at least {part * streams} rows")
