@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from vlscale.data.fs import IO_STATS
+from vlscale.data.fs import IO_STATS, write_bytes
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
@@ -120,14 +120,10 @@ class BlockCache:
         if len(data) > self.max_bytes:
             return
         path = self._path(url, offset, length, crc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_bytes(str(path), data)  # atomic; the temp file is removed on failure
         except OSError:
-            tmp.unlink(missing_ok=True)  # a full or read-only disk degrades to no cache
-            return
+            return  # a full or read-only disk degrades to no cache
         with self._lock:
             self._added += len(data)
             due = self._added >= self.max_bytes // 20

@@ -17,10 +17,9 @@ says so instead of failing.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,20 +39,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a report is an ordinary file
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename
+    (:func:`vlscale.data.fs.write_bytes`)."""
+    from vlscale.data.fs import write_bytes
+
+    write_bytes(str(path), data.encode() if isinstance(data, str) else data)
     return path
 
 
@@ -185,11 +176,9 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def _savefig(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
 
 
 def _plots(report: dict[str, Any], est: MemoryEstimate, out: Path) -> list[str]:

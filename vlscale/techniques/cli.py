@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -159,9 +158,9 @@ def _write(paths: list[str], out_dir: Path, tops: dict[tuple[str, str], list[str
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from vlscale.data.fs import write_bytes  # atomic: temp file + rename
+
+    write_bytes(str(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -73,9 +72,9 @@ def purge_after(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        from vlscale.data.fs import write_bytes  # atomic: temp file + rename
+
+        write_bytes(str(path), "".join(f"{line}\n" for line in kept).encode())
         log.info("%s: dropped %d records after step %d (re-done by this run)", path, dropped, step)
     return dropped
 
