@@ -313,3 +313,23 @@ def fsdp_worker(rank: int, world: int, port: int, kinds: list[str], out_path: st
             with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
                 json.dump(results, f, default=str)
     _finish()
+
+
+def shm_probe_worker(out_path: str) -> None:
+    """Rank 0 of 1 (launcher variables set): a ZeRO-2 engine on CPU, one cached step; writes whether
+    DeepSpeed's comm backend holds its shm-comm op (run by :func:`helpers_process.one_process`)."""
+    res: dict[str, Any] = {}
+    try:
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        engine = build_engine("deepspeed", TinyDualEncoder(), ds_config=ds_config(2), optimizer=_sgd)
+        GradCache(engine, chunk_size=None, chunk_sizes=SIZES).step(make_batch(LOCAL_BATCH, seed=1), clip_loss)
+        engine.optimizer_step()
+        from deepspeed.comm import comm as ds_comm
+
+        res = {"backend": type(ds_comm.cdb).__name__, "shm_op": ds_comm.cdb.shm_comm_op is not None}
+    except Exception:
+        res = {"error": traceback.format_exc()}
+    with open(out_path, "w") as fh:
+        json.dump(res, fh)
+    _finish()

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("deepspeed")
 
 from helpers_gradcache_dist import deepspeed_worker
+from helpers_process import one_process
 
 TOL = 1e-5
 CKPT_HIER = {"hier": True, "checkpointing": True}
@@ -39,6 +40,27 @@ def _check_zero(results: dict, key: str, *, coalescing: bool) -> None:
     assert r["loss_err"] < 1e-6, f"{key}: loss differs by {r['loss_err']:.2e}"
     assert r["applied"] is True
     assert r["coalescing"] is coalescing, f"{key}: expected coalescing={coalescing}"
+
+
+def test_cpu_run_does_not_build_deepspeeds_shm_op(port: int, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles its shm-comm op (only inference_all_reduce uses it)
+    into TORCH_EXTENSIONS_DIR: 30–90 s of C++ on a fresh machine, and a compiler killed for memory
+    failed a CI run. Each rank it starts also leaves a 66 MB ``deepspeed_allreduce_buffer_*`` file in
+    /dev/shm that nothing removes (312 of them, 20 GB of RAM, had piled up on the dev machine). A
+    training step must neither build nor load it."""
+    ext = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("VLSCALE_DS_SHM_COMM", raising=False)
+    res = one_process("helpers_gradcache_dist", "shm_probe_worker", [], tmp_path / "shm.json", port, timeout=300)
+    assert res == {"backend": "TorchBackend", "shm_op": False}
+    built = sorted(str(p.relative_to(ext)) for p in ext.rglob("*")) if ext.exists() else []
+    assert not [p for p in built if "shm" in p], built
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in leaked:
+        f.unlink()
+    assert not leaked, leaked
 
 
 @pytest.mark.slow

@@ -18,8 +18,9 @@ under DeepSpeed instead (the model code itself stays DeepSpeed-free):
   load as usual; the cost is one whole vision tower on a rank during construction (ViT-bigG, 1.8 B
   parameters, is 7.4 GB in fp32), while the text tower — the one that grows past a device — never is.
 
-On CPU with several ranks the model is built whole instead (see ``build_model``: a DeepSpeed
-shm-comm hang under the launcher). The optimizer is built on the partitioned placeholders:
+This is the path on CPU with several ranks too: a hang there (rank 1 compiling DeepSpeed's shm-comm
+op while rank 0 waited on its shared-memory buffer) went away with the op
+(:func:`vlscale.engines.deepspeed.skip_cpu_shm_comm`). The optimizer is built on the partitioned placeholders:
 :func:`full_shapes` lets shape-based code (the weight-decay split reads ``p.ndim``) see the real
 shapes of partitioned parameters.
 """
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from vlscale.config import Config
+from vlscale.engines.deepspeed import skip_cpu_shm_comm
 from vlscale.model import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -54,24 +56,8 @@ def build_model(cfg: Config, device: torch.device, *, ds_config: dict[str, Any] 
     ``ds_config`` is the run's DeepSpeed config (``to_deepspeed_config``); it only matters when
     ``cfg.engine.kind == "deepspeed"`` and its stage is 3. Seed the RNG before calling."""
     if cfg.engine.kind == "deepspeed" and zero_stage_of(ds_config) == 3:
-        if _cpu_multi_rank():
-            # Known hang: under the deepspeed launcher on CPU, initialising deepspeed.comm during
-            # construction (zero.Init does) left rank 1 stuck loading DeepSpeed's shm-comm op while
-            # rank 0 waited for its shared-memory buffer (1 process and mp.spawn'd ranks were fine).
-            # The whole build is partitioned by deepspeed.initialize instead, as before.
-            log.warning("ZeRO-3 on CPU with several ranks: building the model whole (DeepSpeed partitions "
-                        "it at initialize); construction-time partitioning is used on GPUs and on 1 rank")
-        else:
-            return build_zero3(cfg, ds_config)  # type: ignore[arg-type]
+        return build_zero3(cfg, ds_config)  # type: ignore[arg-type]
     return DualEncoder(cfg.model).to(device)
-
-
-def _cpu_multi_rank() -> bool:
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    return multi and get_accelerator().device_name() == "cpu"
 
 
 def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
@@ -87,6 +73,7 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
     # transformers reads the config through a weak reference: it is ZeRO-3-aware only while this
     # object lives. It is dropped after construction so later HF calls in the process (another
     # model, evaluation) are not silently partitioned.
+    skip_cpu_shm_comm()
     hf_ds = HfDeepSpeedConfig(_init_config(ds_config))
     try:
         model = DualEncoder(cfg.model)
