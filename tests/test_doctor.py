@@ -98,9 +98,30 @@ def test_doctor_on_cpu(capsys):
     assert rep["loss"]["backends"]["chunked"]["cpu"] == "ok"
     ops = rep["deepspeed"]["ops"]
     assert rep["deepspeed"]["version"] and "cpu_adam" in ops and "used_for" in ops["cpu_adam"]
+    assert "skipped by vlscale on CPU" in ops["deepspeed_shm_comm"]["skipped"]
     assert cli_main(["doctor"]) == 0
     text = capsys.readouterr().out
     assert "impl='auto' on cpu -> chunked" in text and "DeepSpeed:" in text and "none visible" in text
+
+
+def test_doctor_reports_deepspeeds_leftover_shm_buffers(tmp_path, capsys, monkeypatch):
+    """DeepSpeed's CPU shm-comm op leaves a 66 MB RAM-backed file per rank that nothing removes (20 GB
+    had piled up on the dev machine): the doctor counts them and names the command that frees them."""
+    assert doctor.stale_shm_buffers(str(tmp_path)) is None
+    for rank in range(3):
+        (tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_29500_{rank}").write_bytes(b"\0" * 1000)
+    (tmp_path / "torch_123").write_bytes(b"\0" * 5)  # someone else's segment: not counted
+    assert doctor.stale_shm_buffers(str(tmp_path)) == {
+        "dir": str(tmp_path), "files": 3, "bytes": 3000,
+        "fix": f"with no DeepSpeed process running: rm {tmp_path}/deepspeed_allreduce_buffer_*"}
+    monkeypatch.setattr(doctor, "SHM_DIR", str(tmp_path))
+    assert doctor.main(["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["deepspeed"]
+    assert rep["stale_shm"]["files"] == 3
+    assert doctor.main([]) == 0
+    text = capsys.readouterr().out
+    assert f"note: 3 DeepSpeed shm-comm buffers left in {tmp_path} hold 0.00 GiB of RAM" in text
+    assert f"rm {tmp_path}/deepspeed_allreduce_buffer_*" in text
 
 
 def test_doctor_with_a_v100_and_an_h100(fake_gpus, capsys, monkeypatch):

@@ -33,6 +33,27 @@ V100_FIX = ("install a torch build with sm_70 kernels — the CUDA 12.6 builds: 
 # with a user ds_config: an "optimizer" block (Adam/AdamW on GPU) or optimizer offload.
 USED_OPS = {"fused_adam": "a ds_config 'optimizer' block (Adam/AdamW) on GPU",
             "cpu_adam": "ZeRO-Offload of the optimizer"}
+# Ops DeepSpeed would build on its own that vlscale turns off.
+SKIPPED_OPS = {"deepspeed_shm_comm": "skipped by vlscale on CPU (inference all-reduce only; VLSCALE_DS_SHM_COMM=1 "
+                                     "builds it)"}
+# DeepSpeed's CPU shm-comm op leaves one buffer file per rank in /dev/shm and never removes it; vlscale
+# no longer builds the op (vlscale.engines.deepspeed.skip_cpu_shm_comm), earlier runs may have.
+SHM_DIR = "/dev/shm"
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+def stale_shm_buffers(shm_dir: str | None = None) -> dict[str, Any] | None:
+    """DeepSpeed's leftover shm-comm buffers in ``shm_dir`` (RAM-backed tmpfs): count, bytes, the
+    command that frees them; None when there are none."""
+    from pathlib import Path
+
+    shm_dir = shm_dir or SHM_DIR
+    files = sorted(Path(shm_dir).glob(SHM_BUFFERS)) if os.path.isdir(shm_dir) else []
+    if not files:
+        return None
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    return {"dir": shm_dir, "files": len(files), "bytes": size,
+            "fix": f"with no DeepSpeed process running: rm {shm_dir}/{SHM_BUFFERS}"}
 
 
 def arch_runs_on(arch: str, cap: tuple[int, int]) -> bool:
@@ -135,7 +156,8 @@ def _deepspeed(gpus: list[dict[str, Any]]) -> dict[str, Any]:
             from deepspeed.ops.op_builder.builder import probe_is_compatible
 
             ops = {name: {"compatible": bool(probe_is_compatible(b, False)), "installed": bool(installed_ops.get(name)),
-                          **({"used_for": USED_OPS[name]} if name in USED_OPS else {})}
+                          **({"used_for": USED_OPS[name]} if name in USED_OPS else {}),
+                          **({"skipped": SKIPPED_OPS[name]} if name in SKIPPED_OPS else {})}
                    for name, b in sorted(ALL_OPS.items())}
     except Exception as err:  # report, do not crash the doctor
         return {"error": f"{type(err).__name__}: {err}"}
@@ -153,6 +175,12 @@ def _deepspeed(gpus: list[dict[str, Any]]) -> dict[str, Any]:
             if g["capability"] not in re.split(r"[;\s]+", archs.replace("+PTX", "")):
                 out["notes"].append(f"TORCH_CUDA_ARCH_LIST={archs!r} leaves out {g['name']} ({g['capability']}): "
                                     "DeepSpeed's JIT ops would not run on it")
+    stale = stale_shm_buffers()
+    if stale:
+        out["stale_shm"] = stale
+        out["notes"].append(f"{stale['files']} DeepSpeed shm-comm buffers left in {stale['dir']} hold "
+                            f"{stale['bytes'] / 2**30:.2f} GiB of RAM (DeepSpeed never removes them; vlscale does "
+                            f"not create them): {stale['fix']}")
     return out
 
 
@@ -201,7 +229,7 @@ def render(rep: dict[str, Any]) -> str:
         lines.append(f"  {ds['version']} (accelerator {ds['accelerator']}); TORCH_CUDA_ARCH_LIST="
                      f"{ds['TORCH_CUDA_ARCH_LIST']}; toolkit {ds.get('toolkit', {}).get('version', '-')}")
         for name, op in ds["ops"].items():
-            used = f"  <- {op['used_for']}" if "used_for" in op else ""
+            used = f"  <- {op['used_for']}" if "used_for" in op else f"  <- {op['skipped']}" if "skipped" in op else ""
             lines.append(f"  {name:<26} compatible {'yes' if op['compatible'] else 'NO ':<4} "
                          f"pre-built {'yes' if op['installed'] else 'no (JIT on first use)'}{used}")
         lines += [f"  note: {n}" for n in ds["notes"]]
