@@ -29,6 +29,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Free the RAM earlier DeepSpeed runs leaked in /dev/shm (see :mod:`vlscale.engines.ds_shm`):
+    only buffers no live process maps or holds open. A machine that ran the suite before vlscale
+    stopped building the op could have gigabytes there, which starves this run."""
+    from vlscale.engines.ds_shm import free_stale_shm_buffers
+
+    files, freed = free_stale_shm_buffers()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if files and reporter is not None:
+        reporter.write_line(f"freed {files} stale DeepSpeed shm buffers ({freed / 2**30:.2f} GiB of RAM) in /dev/shm")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests when CUDA is not usable (checked lazily, once)."""
     if not any("gpu" in item.keywords for item in items):

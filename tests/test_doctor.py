@@ -6,6 +6,7 @@ No GPU here: GPUs are simulated by replacing ``torch.cuda``'s queries (capabilit
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from vlscale import doctor
 from vlscale.cli import main as cli_main
+from vlscale.engines import ds_shm
 from vlscale.loss import backends
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,24 +106,36 @@ def test_doctor_on_cpu(capsys):
     assert "impl='auto' on cpu -> chunked" in text and "DeepSpeed:" in text and "none visible" in text
 
 
-def test_doctor_reports_deepspeeds_leftover_shm_buffers(tmp_path, capsys, monkeypatch):
+def test_doctor_finds_and_frees_deepspeeds_leftover_shm_buffers(tmp_path, capsys, monkeypatch):
     """DeepSpeed's CPU shm-comm op leaves a 66 MB RAM-backed file per rank that nothing removes (20 GB
-    had piled up on the dev machine): the doctor counts them and names the command that frees them."""
-    assert doctor.stale_shm_buffers(str(tmp_path)) is None
+    had piled up on the dev machine). The doctor counts the ones no process uses and ``--free-shm``
+    deletes exactly those: a buffer a live process maps, and other files, stay."""
+    monkeypatch.setattr(ds_shm, "SHM_DIR", str(tmp_path))
+    assert ds_shm.shm_buffers() == []
     for rank in range(3):
-        (tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_29500_{rank}").write_bytes(b"\0" * 1000)
-    (tmp_path / "torch_123").write_bytes(b"\0" * 5)  # someone else's segment: not counted
-    assert doctor.stale_shm_buffers(str(tmp_path)) == {
-        "dir": str(tmp_path), "files": 3, "bytes": 3000,
-        "fix": f"with no DeepSpeed process running: rm {tmp_path}/deepspeed_allreduce_buffer_*"}
-    monkeypatch.setattr(doctor, "SHM_DIR", str(tmp_path))
-    assert doctor.main(["--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)["deepspeed"]
-    assert rep["stale_shm"]["files"] == 3
-    assert doctor.main([]) == 0
-    text = capsys.readouterr().out
-    assert f"note: 3 DeepSpeed shm-comm buffers left in {tmp_path} hold 0.00 GiB of RAM" in text
-    assert f"rm {tmp_path}/deepspeed_allreduce_buffer_*" in text
+        (tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_29500_{rank}").write_bytes(b"\0" * 4096)
+    other = tmp_path / "torch_123"
+    other.write_bytes(b"\0" * 5)
+    live = tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1"
+    with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mapped:  # a running rank's buffer
+        fh.close()
+        assert [(Path(b["path"]).name[-1], b["in_use"]) for b in ds_shm.shm_buffers()] == [
+            ("0", False), ("1", True), ("2", False)]
+        assert doctor.main(["--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["deepspeed"]["shm_buffers"] == {
+            "dir": str(tmp_path), "in_use": 1, "stale_files": 2, "stale_bytes": 8192}
+        assert doctor.main([]) == 0
+        out = capsys.readouterr().out
+        assert f"note: 2 DeepSpeed shm-comm buffers in {tmp_path} that no process uses hold 0.00 GiB" in out
+        assert "`vlscale doctor --free-shm` deletes them" in out
+        assert doctor.main(["--free-shm", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert f"freed 2 stale DeepSpeed shm-comm buffers (0.00 GiB) in {tmp_path}" in captured.err
+        assert json.loads(captured.out)["deepspeed"]["shm_buffers"]["stale_files"] == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, other.name]
+        assert mapped[0] == 0
+    assert ds_shm.free_stale_shm_buffers() == (1, 4096)  # unmapped now
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
 
 
 def test_doctor_with_a_v100_and_an_h100(fake_gpus, capsys, monkeypatch):

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from vlscale.engines import ds_shm
+
 V100_FIX = ("install a torch build with sm_70 kernels — the CUDA 12.6 builds: `pip install -r requirements-v100.txt` "
             "(torch from https://download.pytorch.org/whl/cu126), see README 'V100 (sm_70)'")
 # DeepSpeed ops a vlscale run can reach. vlscale itself builds torch's AdamW (no op); these come in
@@ -36,25 +38,6 @@ USED_OPS = {"fused_adam": "a ds_config 'optimizer' block (Adam/AdamW) on GPU",
 # Ops DeepSpeed would build on its own that vlscale turns off.
 SKIPPED_OPS = {"deepspeed_shm_comm": "skipped by vlscale on CPU (inference all-reduce only; VLSCALE_DS_SHM_COMM=1 "
                                      "builds it)"}
-# DeepSpeed's CPU shm-comm op leaves one buffer file per rank in /dev/shm and never removes it; vlscale
-# no longer builds the op (vlscale.engines.deepspeed.skip_cpu_shm_comm), earlier runs may have.
-SHM_DIR = "/dev/shm"
-SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
-
-
-def stale_shm_buffers(shm_dir: str | None = None) -> dict[str, Any] | None:
-    """DeepSpeed's leftover shm-comm buffers in ``shm_dir`` (RAM-backed tmpfs): count, bytes, the
-    command that frees them; None when there are none."""
-    from pathlib import Path
-
-    shm_dir = shm_dir or SHM_DIR
-    files = sorted(Path(shm_dir).glob(SHM_BUFFERS)) if os.path.isdir(shm_dir) else []
-    if not files:
-        return None
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    return {"dir": shm_dir, "files": len(files), "bytes": size,
-            "fix": f"with no DeepSpeed process running: rm {shm_dir}/{SHM_BUFFERS}"}
-
 
 def arch_runs_on(arch: str, cap: tuple[int, int]) -> bool:
     """Whether code built for ``arch`` (an entry of ``torch.cuda.get_arch_list()``) runs on ``cap``.
@@ -175,13 +158,19 @@ def _deepspeed(gpus: list[dict[str, Any]]) -> dict[str, Any]:
             if g["capability"] not in re.split(r"[;\s]+", archs.replace("+PTX", "")):
                 out["notes"].append(f"TORCH_CUDA_ARCH_LIST={archs!r} leaves out {g['name']} ({g['capability']}): "
                                     "DeepSpeed's JIT ops would not run on it")
-    stale = stale_shm_buffers()
-    if stale:
-        out["stale_shm"] = stale
-        out["notes"].append(f"{stale['files']} DeepSpeed shm-comm buffers left in {stale['dir']} hold "
-                            f"{stale['bytes'] / 2**30:.2f} GiB of RAM (DeepSpeed never removes them; vlscale does "
-                            f"not create them): {stale['fix']}")
+    out["shm_buffers"] = shm = _shm_summary()
+    if shm["stale_files"]:
+        out["notes"].append(f"{shm['stale_files']} DeepSpeed shm-comm buffers in {shm['dir']} that no process uses "
+                            f"hold {shm['stale_bytes'] / 2**30:.2f} GiB of RAM (DeepSpeed never removes them; vlscale "
+                            "does not create them): `vlscale doctor --free-shm` deletes them")
     return out
+
+
+def _shm_summary() -> dict[str, Any]:
+    bufs = ds_shm.shm_buffers()
+    stale = [b for b in bufs if not b["in_use"]]
+    return {"dir": ds_shm.SHM_DIR, "in_use": len(bufs) - len(stale), "stale_files": len(stale),
+            "stale_bytes": sum(b["bytes"] for b in stale)}
 
 
 def collect(probe_compile: bool = False) -> dict[str, Any]:
@@ -241,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     ap.add_argument("--probe-compile", action="store_true",
                     help="also try torch.compile on CPU for the 'compiled' loss backend (~15 s)")
+    ap.add_argument("--free-shm", action="store_true",
+                    help=f"delete DeepSpeed's shm-comm buffers in {ds_shm.SHM_DIR} that no live process uses")
     args = ap.parse_args(argv)
+    if args.free_shm:
+        files, freed = ds_shm.free_stale_shm_buffers()
+        print(f"freed {files} stale DeepSpeed shm-comm buffers ({freed / 2**30:.2f} GiB) in {ds_shm.SHM_DIR}",
+              file=sys.stderr)
     rep = collect(probe_compile=args.probe_compile)
     print(json.dumps(rep, indent=2) if args.json else render(rep))
     return 1 if any(g["problem"] for g in rep["gpus"]) else 0

@@ -16,11 +16,9 @@ How the gradient cache maps onto DeepSpeed 0.19:
   ``engine.step()`` exactly as for DeepSpeed's own accumulation.
 * Inputs. With fp16/bf16 the module's weights are half precision; floating inputs (pixels) are
   cast to that dtype before the forward.
-* CPU. DeepSpeed's torch backend JIT-compiles its shared-memory op (``deepspeed_shm_comm``) when
-  its comm starts on the CPU accelerator. Only ``inference_all_reduce`` (tensor-parallel
-  inference) uses it; training collectives go through torch.distributed. :func:`skip_cpu_shm_comm`
-  turns the op off before DeepSpeed's comm starts: no 30–90 s C++ build on a fresh machine (a
-  compiler killed for memory there failed the run), no shared-memory segment per node.
+* CPU. DeepSpeed's shared-memory comm op is turned off before its comm starts
+  (:mod:`vlscale.engines.ds_shm`: a C++ JIT build and a leaked 66 MB /dev/shm file per rank, for an
+  op only inference uses).
 """
 
 from __future__ import annotations
@@ -35,32 +33,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vlscale.engines.base import EngineAdapter, OptimizerLike, cast_floating
+from vlscale.engines.ds_shm import skip_cpu_shm_comm
 
 log = logging.getLogger(__name__)
-
-SHM_COMM_ENV = "VLSCALE_DS_SHM_COMM"
-
-
-def skip_cpu_shm_comm() -> bool:
-    """On DeepSpeed's CPU accelerator, mark its shm-comm op unavailable so its comm backend does
-    not build it; returns whether it did. ``VLSCALE_DS_SHM_COMM=1`` keeps DeepSpeed's default.
-    Call before anything starts ``deepspeed.comm`` (``deepspeed.initialize``, ``zero.Init``)."""
-    import os
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if os.environ.get(SHM_COMM_ENV, "0") not in ("", "0") or get_accelerator().device_name() != "cpu":
-        return False
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return False
-    compatible = deepspeed.ops.__compatible_ops__
-    if compatible.get(builder.NAME, False):
-        compatible[builder.NAME] = False
-        log.info("deepspeed on CPU: its shm-comm op (inference all-reduce only) is not built; "
-                 "%s=1 builds it", SHM_COMM_ENV)
-    return True
 
 
 class DeepSpeedEngine(EngineAdapter):

@@ -20,7 +20,7 @@ under DeepSpeed instead (the model code itself stays DeepSpeed-free):
 
 This is the path on CPU with several ranks too: a hang there (rank 1 compiling DeepSpeed's shm-comm
 op while rank 0 waited on its shared-memory buffer) went away with the op
-(:func:`vlscale.engines.deepspeed.skip_cpu_shm_comm`). The optimizer is built on the partitioned placeholders:
+(:func:`vlscale.engines.ds_shm.skip_cpu_shm_comm`). The optimizer is built on the partitioned placeholders:
 :func:`full_shapes` lets shape-based code (the weight-decay split reads ``p.ndim``) see the real
 shapes of partitioned parameters.
 """
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from vlscale.config import Config
-from vlscale.engines.deepspeed import skip_cpu_shm_comm
+from vlscale.engines.ds_shm import skip_cpu_shm_comm
 from vlscale.model import DualEncoder
 
 log = logging.getLogger(__name__)
