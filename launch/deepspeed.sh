@@ -6,8 +6,9 @@
 #   NPROC=2 launch/deepspeed.sh --recipe tiny-cpu train.steps=50          # CPU: gloo, 2 processes
 #
 # Several nodes: DeepSpeed's own launcher takes a hostfile (`deepspeed --hostfile hosts
-# --module vlscale.train ...`, passwordless ssh to every node), or use launch/torchrun.sh with
-# NNODES / NODE_RANK / MASTER_ADDR on each node (no ssh needed); see the README.
+# --module vlscale.train ...`, passwordless ssh to every node; without ssh run `deepspeed --hostfile
+# hosts --no_ssh --node_rank R --master_addr NODE0 --module vlscale.train ...` on each node), or use
+# launch/torchrun.sh with NNODES / NODE_RANK / MASTER_ADDR on each node; see the README.
 #
 # Environment: NPROC (default: number of GPUs, or 2 without one), MASTER_PORT (29500),
 # PYTHON (the interpreter whose site-packages hold vlscale and deepspeed; default: the project's

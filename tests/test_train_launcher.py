@@ -80,6 +80,26 @@ def test_deepspeed_launcher_zero2_two_ranks_and_exact_resume(tmp_path: Path) -> 
     assert sorted(again) == [3]
     assert again[3] == losses[3], f"resumed step 3 loss {again[3]!r} != uninterrupted {losses[3]!r}"
 
+    # The same checkpoint resumed by DeepSpeed's multi-node launcher: a hostfile of two 1-slot "nodes"
+    # on this machine, one `deepspeed --hostfile --no_ssh --node_rank r` per node (as on a cluster
+    # without passwordless ssh); each node's process is LOCAL_RANK 0 of global rank r.
+    hosts, nodes, port = tmp_path / "hostfile", tmp_path / "two_nodes", _port()
+    hosts.write_text("node0 slots=1\nnode1 slots=1\n")
+    procs = []
+    for node in (0, 1):
+        cmd = launch_command("deepspeed", 2, port, [*_overrides(shards, nodes, "--resume", str(ckpt))])
+        at = cmd.index("--num_gpus")
+        cmd[at:at + 2] = ["--hostfile", str(hosts), "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1"]
+        fh = (tmp_path / f"node{node}.log").open("w")
+        procs.append((subprocess.Popen(cmd, env=child_env(1), stdout=fh, stderr=subprocess.STDOUT), fh))
+    for node, (proc, fh) in enumerate(procs):
+        rc = proc.wait(timeout=420)
+        fh.close()
+        assert rc == 0, (tmp_path / f"node{node}.log").read_text()[-4000:]
+    engine = json.loads((nodes / "engine.json").read_text())
+    assert (engine["launcher"], engine["world_size"]) == ("deepspeed", 2), engine
+    assert _losses(nodes) == {3: losses[3]}
+
 
 # --------------------------------------------------------------------------- accelerate launch
 
