@@ -30,7 +30,7 @@ from test_train_resume import LOCAL, overrides
 
 from vlscale.cli import main as vlscale_main
 from vlscale.config import load_recipe
-from vlscale.data import build_loader, fs
+from vlscale.data import build_loader, fs, retries
 from vlscale.data.fs import IO_STATS, StorageError, StorageOptions
 from vlscale.data.index import finalize
 from vlscale.data.synthetic import write_synthetic_shards
@@ -197,7 +197,7 @@ def test_deleted_or_refused_object_is_named_or_skipped(s3, tmp_path) -> None:
 
 def test_retries_back_off_with_jitter_and_give_up(monkeypatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(fs.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retries.time, "sleep", sleeps.append)
     calls = iter([OSError("AWS Error SLOW_DOWN: Please reduce your request rate."),
                   OSError("curlCode: 52, Empty reply from server"), "data"])
 
