@@ -111,6 +111,33 @@ def test_bad_input_names_the_problem(bad: dict, match: str) -> None:
         predict_memory(**{**BASE, "global_batch": 1024, "chunk": 64, **bad})
 
 
+@pytest.mark.parametrize(("bucket_elems", "act_per_pair"), [(5e5, 1e6), (1e7, 1e7), (1e7, 1e5)])
+def test_coalesced_zero2_reforward_holds_whole_gradients(bucket_elems: float, act_per_pair: float) -> None:
+    """Gradient cache under coalesced ZeRO-2: the chunk backwards leave each rank's whole gradients on
+    the parameters, one reduction then fills the bucket after the activations are freed. With a
+    small user bucket the old sum (gradient partition + bucket + backward) was below the whole
+    gradients + backward that the rank really holds; with a bucket ≥ the backward, the bucket replaces
+    the activations instead of adding to them (the CPU demo's measured peak: whole gradients + bucket)."""
+    psi, world, chunk = 10**7, 8, 16
+    args = {**BASE, "params": psi, "world_size": world, "zero_stage": 2, "precision": "fp16", "global_batch": 1024,
+            "chunk": chunk, "act_bytes_per_pair": act_per_pair, "engine_buffer_bytes": 2 * bucket_elems}
+    old, new = predict_memory(**args), predict_memory(**args, grads_unreduced=True)
+    base = sum(old.components[k] for k in ("parameters", "optimizer states", "embedding grads"))
+    backward = old.components["inputs"] + old.components["activations"]
+    assert new.components["gradients"] == old.components["gradients"] == pytest.approx(2 * psi / world)
+    assert new.phase_bytes()["reforward"] == pytest.approx(base + 2 * psi + max(backward, 2 * bucket_elems))
+    # old − new = min(backward, bucket) − the unreduced gradients beyond the partition: the old sum
+    # under-predicted whenever those gradients exceed the smaller of the two (a small user bucket)
+    beyond = 2 * psi * (1 - 1 / world)
+    assert old.phase_bytes()["reforward"] - new.phase_bytes()["reforward"] == pytest.approx(
+        min(backward, 2 * bucket_elems) - beyond)
+    assert (new.phase_bytes()["reforward"] > old.phase_bytes()["reforward"]) == (beyond > min(backward, 2 * bucket_elems))
+    # the partition made by the reduction is what the step starts with; nothing changes without the cache
+    assert new.carried()["step"] >= {"gradients"}
+    no_cache = {**args, "chunk": None}
+    assert predict_memory(**no_cache, grads_unreduced=True).phase_bytes() == predict_memory(**no_cache).phase_bytes()
+
+
 def test_report_renders() -> None:
     est = predict_memory(**BASE, global_batch=2**20, chunk=256,
                          engine_buffer_bytes=deepspeed_bucket_bytes(2, "fp16"))

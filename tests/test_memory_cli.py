@@ -84,8 +84,14 @@ def test_plan_inputs_by_hand_zerovl() -> None:
     # One 2,048 × 8,192 tile in a loop of many: its fp32 S, its fp32 P and the previous P.
     assert c["loss workspace"] == (4 + 4 + 4) * 2048 * 8192
     assert c["embedding-gradient transient"] == 0  # the chunk's 20 GiB of activations are freed first
-    reforward = (psi * (2 + 14 / 8) + psi * 2 + 256 * inp.input_bytes_per_pair
-                 + 256 * inp.chunk_act_bytes_per_row + 2 * b_local * d * 4)
+    # Coalesced ZeRO-2 reduction: every rank holds its whole fp16 gradients (2Ψ) through the chunk
+    # backwards; the bucket (2Ψ) is filled after the chunk's activations are freed, so the phase holds
+    # the larger of the two.
+    assert inp.grads_unreduced
+    assert c["unreduced gradients beyond the partition"] == pytest.approx(2 * psi * (1 - 1 / 8))
+    backward = 256 * inp.input_bytes_per_pair + 256 * inp.chunk_act_bytes_per_row
+    assert backward > 2 * psi and c["reduce bucket beyond the backward"] == 0
+    reforward = psi * (2 + 12 / 8) + psi * 2 + max(backward, 2 * psi) + 2 * b_local * d * 4
     assert est.peak_phase == "reforward" and est.total == pytest.approx(reforward)
     # The gradients exist from the backward to the step only: not in pass 1 nor the loss.
     assert "gradients" not in est.phases["embed"] + est.phases["loss"]

@@ -208,6 +208,7 @@ def predict_memory(
     grad_transient_bytes: float = 0.0,
     grads_copied: bool = False,
     grads_persistent: bool = False,
+    grads_unreduced: bool = False,
     gpu_sms: int = 132,
     techniques: TechniqueMemory | None = None,
 ) -> MemoryEstimate:
@@ -251,6 +252,14 @@ def predict_memory(
             FSDP2) only when a gradient already exists, i.e. from a tower's second chunk on.
         grads_persistent: the gradients' storage lives across steps (DeepSpeed ZeRO-3's flat
             partition buffer); otherwise it is created by the backward and freed by the step.
+        grads_unreduced: gradient cache under DeepSpeed ZeRO-1/2 with coalesced reduction
+            (``engine.coalesce_grad_reduction``, what :class:`~vlscale.engines.DeepSpeedEngine` uses):
+            the chunk backwards leave every rank's whole gradients (Ψ × grad bytes) on the parameters,
+            and one reduction after the last of them fills the reduce bucket and then the gradient
+            partition. The reforward phase then holds the whole gradients, the embedding grads, and
+            the larger of a chunk's backward (inputs, activations, transient) and the bucket (the
+            activations are freed by the reduction): measured on the CPU demo (ZeRO-2, 2 ranks),
+            the phase's peak is the whole gradients plus the Ψ-element bucket at the reduction.
         gpu_sms: streaming multiprocessors of the GPU (the Triton forward's grid of partials).
         techniques: momentum contrast, hierarchical levels, MIM (:class:`TechniqueMemory`).
     """
@@ -296,6 +305,11 @@ def predict_memory(
         "local embeddings": 2.0 * n_emb * b_local * d * emb_bytes,
         "embedding grads": 2.0 * n_emb * b_local * d * 4,
     })
+    unreduced = grads_unreduced and chunk is not None and zero_stage in (1, 2)
+    if unreduced:
+        backward_bytes = comps["inputs"] + activations + comps["embedding-gradient transient"]
+        comps["unreduced gradients beyond the partition"] = params * spec.grad - comps["gradients"]
+        comps["reduce bucket beyond the backward"] = max(0.0, comps.pop("engine buffers") - backward_bytes)
     comps.update(loss_components(tech.loss_terms(), loss_impl, b_local=b_local, global_batch=global_batch, d=d,
                                  emb_bytes=emb_bytes, sms=gpu_sms, tile=loss_block))
     if loss_workspace_bytes is not None:
@@ -321,6 +335,9 @@ def predict_memory(
                   "loss": [*base, *kept, *loss],
                   "reforward": [*base, "gradients", *backward, "embedding grads"],
                   "step": [*base, "gradients", "optimizer step transient"]}
+        if unreduced:
+            phases["reforward"] = [*base, "gradients", "unreduced gradients beyond the partition",
+                                   "reduce bucket beyond the backward", *backward[1:], "embedding grads"]
     extra = tech.components(b_local=b_local, rows=rows, d=d, nograd_per_row=nograd_act_bytes_per_row,
                             reforward_rows=rows)
     if tech.momentum:  # the key pass runs before the step's first phase
@@ -339,7 +356,8 @@ def predict_memory(
               "chunk_act_bytes_per_row": chunk_act_bytes_per_row, "act_fixed_bytes": act_fixed_bytes,
               "step_transient_bytes": step_transient_bytes, "nograd_act_bytes_per_row": nograd_act_bytes_per_row,
               "grad_transient_bytes": grad_transient_bytes, "grads_copied": grads_copied,
-              "grads_persistent": grads_persistent, "gpu_sms": gpu_sms, "techniques": tech.to_dict()}
+              "grads_persistent": grads_persistent, "grads_unreduced": grads_unreduced, "gpu_sms": gpu_sms,
+              "techniques": tech.to_dict()}
     return MemoryEstimate(comps, phases, config)
 
 

@@ -119,6 +119,8 @@ class PlanInputs:
     """The largest embedding table's dense gradient (see :func:`predict_memory`)."""
     grads_copied: bool = False
     grads_persistent: bool = False
+    grads_unreduced: bool = False
+    """DeepSpeed ZeRO-1/2 with the gradient cache: whole gradients until one coalesced reduction."""
     techniques: dict[str, Any] = field(default_factory=dict)
     """:class:`~vlscale.memory.techmem.TechniqueMemory` fields (empty: the plain symmetric loss)."""
     host: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +145,8 @@ class PlanInputs:
                     chunk_act_bytes_per_row=self.chunk_act_bytes_per_row if cached else None,
                     nograd_act_bytes_per_row=self.nograd_act_bytes_per_row,
                     step_transient_bytes=self.step_transient_bytes, grad_transient_bytes=self.grad_transient_bytes,
-                    grads_copied=self.grads_copied, grads_persistent=self.grads_persistent, gpu_sms=self.gpu_sms,
+                    grads_copied=self.grads_copied, grads_persistent=self.grads_persistent,
+                    grads_unreduced=self.grads_unreduced, gpu_sms=self.gpu_sms,
                     techniques=TechniqueMemory(**self.techniques))
 
     def _spec(self) -> PrecisionSpec:
@@ -296,6 +299,7 @@ def plan_inputs(cfg: Any, *, world_size: int, gpu_memory: float, act_mib_per_pai
         device_kind=kind.name, gpu_sms=kind.sms or 132, fused_impl_why=why,
         grad_transient_bytes=float(grad_bytes * counts.largest_embedding),
         grads_copied=engine == "deepspeed" and stage >= 1, grads_persistent=engine == "deepspeed" and stage == 3,
+        grads_unreduced=engine == "deepspeed" and stage in (1, 2) and gc.enabled,
         techniques=techniques.to_dict(), notes=notes,
         host=host_batch_memory(cfg, world_size, side=cfg.data.image_size or size))
 
