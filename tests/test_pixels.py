@@ -215,6 +215,32 @@ def test_host_memory_check_errors_warns_and_names_the_fix(monkeypatch: pytest.Mo
     assert ranks_per_node(8) == 2
 
 
+def test_preflight_checks_every_machine_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank reports its machine; the check covers every one with the ranks it runs and names the
+    machine that cannot hold its ranks' batches (not only rank 0's machine)."""
+    from vlscale.memory.hostmem import group_hosts
+    from vlscale.train import preflight as pf
+    from vlscale.train.preflight import PreflightError, preflight
+
+    monkeypatch.setattr(pf, "_check_rows", lambda *args: None)  # no shards here: the host check alone
+
+    gb = 10**9
+    assert group_hosts([{"host": "a", "memory": (512, 500)}, {"host": "b", "memory": (256, 200)},
+                        {"host": "a", "memory": (512, 490)}, {"host": "b", "memory": None}]) == [
+        ("a", (512, 490), 2), ("b", (256, 200), 2)]
+    cfg = _cfg("train.global_batch_size=1048576", "data.train_shards=")  # 19.8 GB per local batch (uint8 pixels + tokens)
+    big, small = ("gpu-00", (512 * gb, 500 * gb), 4), ("gpu-01", (64 * gb, 60 * gb), 4)
+    assert not [w for w in preflight(cfg, 8, hosts=[big, big]) if "host memory" in w]
+    with pytest.raises(PreflightError, match=r"\(19\.8 GB × 4 ranks\) exceeds gpu-01's 64\.0 GB") as err:
+        preflight(cfg, 8, hosts=[big, small])
+    assert "gpu-00" not in str(err.value)
+    warned = preflight(cfg, 8, hosts=[big, ("gpu-02", (512 * gb, 60 * gb), 4)])
+    assert [w for w in warned if "host memory" in w and "4 rank(s) on gpu-02" in w], warned
+    # one machine: the messages say "this machine", as a one-rank run's do
+    with pytest.raises(PreflightError, match=r"exceeds this machine's 64\.0 GB"):
+        preflight(cfg, 4, hosts=[small])
+
+
 def test_preflight_and_plan_report_host_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The preflight stops a run whose one batch per rank exceeds the machine before any model is
     built; `vlscale memory plan` prints the data path's host memory."""

@@ -127,14 +127,18 @@ def _preflight_rank(rank: int, world: int, port: int, fail: str, out: str) -> No
 
     import torch.distributed as dist
 
+    from vlscale.memory import hostmem
     from vlscale.train import preflight as pf
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    calls = []
+    calls, seen = [], []
+    # each rank on its own "machine": the check must see both, each with its memory and rank count
+    hostmem.host_identity = lambda: {"host": f"node{rank}", "memory": ((rank + 1) * 10**9, rank + 1)}
 
-    def check(cfg: object, world_size: int) -> list[str]:
+    def check(cfg: object, world_size: int, hosts: object = None) -> list[str]:
         calls.append(rank)
+        seen.append(hosts)
         if rank == 1:
             raise OSError("transient read error seen by rank 1 only")
         if fail == "config":
@@ -148,7 +152,7 @@ def _preflight_rank(rank: int, world: int, port: int, fail: str, out: str) -> No
         result = ["ok", pf.preflight_all_ranks(None, world, rank=rank)]
     except Exception as exc:
         result = [type(exc).__name__, str(exc)]
-    Path(out, f"{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
+    Path(out, f"{rank}.json").write_text(json.dumps({"result": result, "calls": calls, "hosts": seen}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -166,6 +170,7 @@ def test_preflight_outcome_is_rank_zeros_on_every_rank(fail: str, tmp_path: Path
     mp.spawn(_preflight_rank, args=(2, free_port(), fail, str(tmp_path)), nprocs=2, join=True)
     res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert [r["calls"] for r in res] == [[0], []]  # only rank 0 ran the checks
+    assert res[0]["hosts"] == [[["node0", [10**9, 1], 1], ["node1", [2 * 10**9, 2], 1]]]  # ...for every machine
     if fail == "none":
         assert [r["result"] for r in res] == [["ok", ["a warning for 2 ranks"]]] * 2
     elif fail == "config":

@@ -17,12 +17,15 @@ At 1M pairs over 8 ranks with 8 workers, parts of 256 rows take a rank from 356 
 
 A pixel is 1 byte as uint8, 4 as float32. 131,072 images of 3 × 224² are 19.7 GB as uint8 and 78.9 GB
 as float32, per batch. :func:`host_batch_memory` computes the total; :func:`check_host_memory`
-compares it with this machine's memory for the rank count of one node (the preflight's check).
+compares it with one machine's memory for the ranks it runs (the preflight's check). A multi-rank
+run checks every machine: each rank reports :func:`host_identity`, :func:`group_hosts` gives each
+machine with its memory and its rank count (:func:`vlscale.train.preflight.preflight_all_ranks`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from vlscale.divisors import divisors
@@ -101,13 +104,33 @@ def machine_memory() -> tuple[int, int] | None:
         return None
 
 
+def host_identity() -> dict[str, Any]:
+    """This rank's machine: its host name and (MemTotal, MemAvailable) bytes (None where unknown)."""
+    return {"host": socket.gethostname(), "memory": machine_memory()}
+
+
+def group_hosts(identities: list[dict[str, Any]]) -> list[tuple[str, tuple[int, int] | None, int]]:
+    """Every rank's :func:`host_identity` → ``(host, memory, ranks on it)`` per machine, in rank order
+    of first appearance; a machine's memory is the smallest its ranks read (None if none could)."""
+    hosts: dict[str, list[Any]] = {}
+    for ident in identities:
+        entry = hosts.setdefault(str(ident["host"]), [None, 0])
+        mem = ident.get("memory")
+        if mem is not None:
+            mem = (int(mem[0]), int(mem[1]))
+            entry[0] = mem if entry[0] is None else (min(entry[0][0], mem[0]), min(entry[0][1], mem[1]))
+        entry[1] += 1
+    return [(host, mem, n) for host, (mem, n) in hosts.items()]
+
+
 def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | None = None,
-                      local_ranks: int | None = None) -> tuple[str | None, str | None]:
-    """(error, warning) about the data path's host memory on this machine (None: fine / unknown).
+                      local_ranks: int | None = None, host: str | None = None) -> tuple[str | None, str | None]:
+    """(error, warning) about the data path's host memory on one machine (None: fine / unknown):
+    this one, or ``host`` (named in the messages) with its ``memory`` and ``local_ranks``.
 
     Error: one local batch per rank already exceeds the machine's total memory. Warning: the
     estimate with the loader's batches in flight exceeds the memory available now."""
-    memory = memory if memory is not None else machine_memory()
+    memory = memory if memory is not None or host is not None else machine_memory()
     if memory is None:
         return None, None
     total, available = memory
@@ -122,11 +145,12 @@ def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | No
     if cfg.data.num_workers:
         fixes.append("fewer data.num_workers or a lower data.prefetch_factor")
     fixes.append("more nodes (fewer ranks per node) or a smaller train.global_batch_size")
-    where = (f"{ranks} rank(s) on this machine, each holding {est['formula']} = "
+    machine = f"{host}" if host else "this machine"
+    where = (f"{ranks} rank(s) on {machine}, each holding {est['formula']} = "
              f"{est['bytes_per_rank'] / GB:.1f} GB")
     if est["min_bytes_per_rank"] * ranks > total:
         return (f"host memory: one local batch per rank ({est['min_bytes_per_rank'] / GB:.1f} GB × {ranks} ranks) "
-                f"exceeds this machine's {total / GB:.1f} GB; use " + ", or ".join(
+                f"exceeds {machine}'s {total / GB:.1f} GB; use " + ", or ".join(
                     [f for f in fixes if f.startswith("data.pixel_dtype")] + fixes[-1:])), None
     if est["bytes_per_rank"] * ranks > available:
         return None, (f"host memory: {where}, {est['bytes_per_rank'] * ranks / GB:.1f} GB in all, more than the "
@@ -134,4 +158,5 @@ def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | No
     return None, None
 
 
-__all__ = ["check_host_memory", "host_batch_memory", "image_side", "machine_memory", "ranks_per_node"]
+__all__ = ["check_host_memory", "group_hosts", "host_batch_memory", "host_identity", "image_side", "machine_memory",
+           "ranks_per_node"]

@@ -44,6 +44,9 @@ from typing import Any
 from vlscale.config import Config
 from vlscale.divisors import divisors, nearest_divisors
 
+Hosts = list[tuple[str, "tuple[int, int] | None", int]]
+"""Every machine of a run: (host name, (MemTotal, MemAvailable) bytes or None, ranks on it)."""
+
 log = logging.getLogger(__name__)
 CAPTION_SAMPLE = 512  # captions read for the tokenizer audit
 DROP_WARN = 0.10  # warn when partial batches leave this fraction of an epoch's rows unused
@@ -63,13 +66,14 @@ class Findings:
     warnings: list[str]
 
 
-def preflight(cfg: Config, world_size: int) -> list[str]:
-    """Check ``cfg`` for ``world_size`` ranks; raise :class:`PreflightError` or return the warnings."""
+def preflight(cfg: Config, world_size: int, *, hosts: Hosts | None = None) -> list[str]:
+    """Check ``cfg`` for ``world_size`` ranks; raise :class:`PreflightError` or return the warnings.
+    ``hosts``: every machine of the run as ``(host, memory, ranks)`` (default: this one)."""
     found = Findings([], [])
     micro = _check_batch(cfg, world_size, found)
     if micro and _check_parts(cfg, micro, world_size, found):
         _check_chunks(cfg, micro, world_size, found)
-        _check_host(cfg, world_size, found)
+        _check_host(cfg, world_size, found, hosts)
         _check_rows(cfg, micro, world_size, found)
     _check_schedule(cfg, found)
     if not found.errors:
@@ -82,16 +86,21 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
 def preflight_all_ranks(cfg: Config, world_size: int, *, rank: int, group: Any = None) -> list[str]:
     """:func:`preflight` on rank 0, its outcome broadcast: every rank returns the same warnings or
     raises the same error. Without an initialised process group (or one rank) it is ``preflight``.
-    (The host-memory check then sees rank 0's machine: the nodes of a run are alike.)"""
+    Every rank first reports its machine (host name, memory), so the host-memory check covers each
+    machine of the run with the ranks it really runs."""
     import torch.distributed as dist
 
     if world_size == 1 or not dist.is_initialized():
         return preflight(cfg, world_size)
+    from vlscale.memory.hostmem import group_hosts, host_identity
+
+    identities: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(identities, host_identity(), group=group)
     outcome: list[Any] = [None]
     error: BaseException | None = None
     if rank == 0:
         try:
-            outcome[0] = ("ok", preflight(cfg, world_size))
+            outcome[0] = ("ok", preflight(cfg, world_size, hosts=group_hosts(identities)))
         except PreflightError as exc:
             outcome[0], error = ("config", str(exc)), exc
         except Exception as exc:  # any failure must reach every rank, not only this one
@@ -151,14 +160,19 @@ def _check_chunks(cfg: Config, micro: int, world: int, found: Findings) -> None:
                 "(or below), or gradcache.enabled=false")
 
 
-def _check_host(cfg: Config, world: int, found: Findings) -> None:
+def _check_host(cfg: Config, world: int, found: Findings, hosts: Hosts | None) -> None:
     from vlscale.memory.hostmem import check_host_memory
 
-    error, warning = check_host_memory(cfg, world)
-    if error:
-        found.errors.append(error)
-    if warning:
-        found.warnings.append(warning)
+    if hosts is None:
+        results = [check_host_memory(cfg, world)]
+    else:
+        results = [check_host_memory(cfg, world, memory=mem, local_ranks=n, host=name if len(hosts) > 1 else None)
+                   for name, mem, n in hosts]
+    for error, warning in results:
+        if error and error not in found.errors:
+            found.errors.append(error)
+        if warning and warning not in found.warnings:
+            found.warnings.append(warning)
 
 
 def _check_schedule(cfg: Config, found: Findings) -> None:
