@@ -37,8 +37,8 @@ def on_device(t: Tensor, device: torch.device) -> bool:
 
 def move(t: Tensor, device: torch.device) -> Tensor:
     """Copy ``t`` to ``device``; asynchronous when ``t`` is in pinned host memory."""
-    pinned = t.device.type == "cpu" and device.type != "cpu" and t.is_pinned()
-    return t.to(device, non_blocking=pinned)
+    locked = t.device.type == "cpu" and device.type != "cpu" and t.is_pinned()
+    return t.to(device, non_blocking=locked)
 
 
 def rows_to(t: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
@@ -53,12 +53,21 @@ def chunk_to(inputs: dict[str, Tensor], start: int, stop: int, device: torch.dev
     return {name: rows_to(value, start, stop, device) for name, value in inputs.items()}
 
 
+def pinned(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Host tensors in page-locked memory, so the per-chunk copies to the device are asynchronous
+    (tensors made after a loader pinned its batch, e.g. by mixup or concept tokens, are not); a
+    no-op without CUDA."""
+    if not torch.cuda.is_available():
+        return inputs
+    return {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v for k, v in inputs.items()}
+
+
 def describe(inputs: dict[str, Tensor], device: torch.device) -> str | None:
     """A one-line note on host-resident inputs (None when every input is already on ``device``)."""
     away = {k: v for k, v in inputs.items() if not on_device(v, device)}
     if not away:
         return None
-    pinned = all(v.device.type == "cpu" and device.type != "cpu" and v.is_pinned() for v in away.values())
+    locked = all(v.device.type == "cpu" and device.type != "cpu" and v.is_pinned() for v in away.values())
     where = sorted({str(v.device) for v in away.values()})
-    mode = "pinned, non_blocking copies" if pinned else "pageable, synchronous copies (pin them to overlap)"
+    mode = "pinned, non_blocking copies" if locked else "pageable, synchronous copies (pin them to overlap)"
     return f"gradcache: inputs {sorted(away)} on {where}, moved to {device} one chunk at a time ({mode})"

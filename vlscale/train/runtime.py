@@ -12,12 +12,15 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from vlscale.config import Config
 from vlscale.doctor import check_torch_build
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +85,28 @@ def rows_per_rank(rows: int, rt: Runtime) -> list[int]:
     out = [torch.zeros_like(mine) for _ in range(rt.world_size)]
     dist.all_gather(out, mine, group=rt.process_group)
     return [int(n) for n in out]
+
+
+def even_rows(batch: Any, rt: Runtime, *, counters: dict[str, int], step: int) -> Any:
+    """This rank's share of step ``step``'s batch, cut so that every rank holds the same rows; None
+    when some rank has none (every rank then skips the step).
+
+    A rank's batch can come out short: debiased sampling refills skipped (corrupt) samples from
+    spare rows only while they last, and a world-size change re-splits short old batches. Every
+    rank then keeps the smallest rank's row count (a W-int all-gather per step; the trimmed rows
+    are counted in ``counters["trimmed_samples"]``). Equal rows are what the rest of the step
+    assumes: ZeRO-3 / FSDP2 gather parameters for every chunk's forward, so all ranks must run the
+    same number of chunks, and the mixup partners are global rows ``rank × rows + i``."""
+    sizes = rows_per_rank(len(batch), rt)
+    keep = min(sizes)
+    if keep == max(sizes):
+        return batch if keep else None
+    trimmed = sum(sizes) - keep * len(sizes)
+    counters["trimmed_samples"] += trimmed
+    if rt.is_main:
+        log.warning("step %d: the ranks' batches have %s rows (skipped samples); every rank keeps %d, %d "
+                    "samples trimmed%s", step, sizes, keep, trimmed, " and the step skipped" if not keep else "")
+    return batch.rows(0, keep) if keep else None
 
 
 def shutdown(rt: Runtime) -> None:

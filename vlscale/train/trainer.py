@@ -38,6 +38,7 @@ from vlscale.data import build_loader
 from vlscale.data.fs import storage_options
 from vlscale.engines import build_engine
 from vlscale.gradcache import GradCache
+from vlscale.gradcache.transfer import pinned
 from vlscale.memory.phases import StepPhases
 from vlscale.model.tokenizer import TokenStats, text_warning
 from vlscale.train import checkpoint as ckpt
@@ -51,7 +52,7 @@ from vlscale.train.nonfinite import NonFiniteLossError as NonFiniteLossError  # 
 from vlscale.train.nonfinite import handle_nonfinite
 from vlscale.train.optim import adamw_factory, build_adamw, build_scheduler
 from vlscale.train.preflight import preflight_all_ranks
-from vlscale.train.runtime import Runtime, init_runtime, rows_per_rank, setup_logging, shutdown
+from vlscale.train.runtime import Runtime, even_rows, init_runtime, setup_logging, shutdown
 
 log = logging.getLogger(__name__)
 _HALF = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -248,25 +249,9 @@ class Trainer:
                 raise ValueError(f"{self.cfg.data.train_shards}: no full batch of {self.micro} pairs for this rank")
 
     def _even(self, batch: Any) -> Any:
-        """This rank's share of the step's batch, cut so that every rank holds the same rows.
-
-        A rank's batch can come out short: debiased sampling refills skipped (corrupt) samples from
-        spare rows only while they last, and a world-size change re-splits short old batches. Every
-        rank then keeps the smallest rank's row count (a W-int all-gather per step; the trimmed
-        rows are counted in ``train/trimmed_samples``), and a step where some rank has none is
-        skipped by all. Equal rows are what the rest of the step assumes: ZeRO-3 / FSDP2 gather
-        parameters for every chunk's forward, so all ranks must run the same number of chunks, and
-        the mixup partners are global rows ``rank × rows + i``."""
-        sizes = rows_per_rank(len(batch), self.rt)
-        keep = min(sizes)
-        if keep == max(sizes):
-            return batch if keep else None
-        trimmed = sum(sizes) - keep * len(sizes)
-        self.counters["trimmed_samples"] += trimmed
-        if self.rt.is_main:
-            log.warning("step %d: the ranks' batches have %s rows (skipped samples); every rank keeps %d, %d "
-                        "samples trimmed%s", self.step + 1, sizes, keep, trimmed, " and the step skipped" if not keep else "")
-        return batch.rows(0, keep) if keep else None
+        """This rank's share of the step's batch, cut so every rank holds the same rows (None: the
+        step is skipped by all): :func:`vlscale.train.runtime.even_rows`."""
+        return even_rows(batch, self.rt, counters=self.counters, step=self.step + 1)
 
     def fit(self) -> dict[str, Any]:
         """Train until ``train.steps``; returns {"step", "losses", "counters", "eval"}."""
@@ -294,7 +279,7 @@ class Trainer:
             self.text_stats.update(batch.tokens, batch.attention_mask)  # the captions as the loader tokenized them
         start = time.perf_counter()
         inputs = self.objective.prepare(self.step, batch, self._step_inputs(batch))  # mixup / concepts / keys
-        inputs = self._pinned(inputs)
+        inputs = pinned(inputs)  # made after the loader pinned its batch: async per-chunk copies
         res = self.gradcache.step(inputs, self.loss_fn, chunk_loss=self.objective.chunk_loss,
                                   feed=self.objective.feed)  # uint8 pixels: normalised / mixed per chunk
         loss = float(res.loss)  # host sync: the NaN check needs the value (the loss is global)
@@ -332,13 +317,6 @@ class Trainer:
         if self.cfg.gradcache.enabled and self.rt.device.type != "cpu":
             return batch.model_inputs()
         return batch.to(self.rt.device).model_inputs()
-
-    def _pinned(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Host inputs in pinned memory (mixup and concepts make new tensors after the loader pinned
-        its batch), so the per-chunk copies are asynchronous; a no-op without CUDA."""
-        if not torch.cuda.is_available():
-            return inputs
-        return {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v for k, v in inputs.items()}
 
     def _handle_nonfinite(self, loss: float) -> bool:
         """True to go on with the step anyway (fp16: the engine skips it), False to skip it; or raise."""
