@@ -6,7 +6,9 @@ switches a :class:`~vlscale.memory.tracker.MemoryTracker` between the phases the
 predicts (:mod:`vlscale.memory.model`):
 
 ``embed``      from the start of ``GradCache.step`` to the loss call (pass 1, no graph);
-``loss``       the loss and d(loss)/d(embeddings), up to the first forward with a graph;
+``loss``       the loss and d(loss)/d(embeddings), up to pass 3's first chunk (its feed call, which
+               makes the chunk's device inputs — uint8 pixels normalised to float, host rows
+               copied — or, without a feed, the first forward with a graph);
 ``reforward``  pass 3, up to the end of ``GradCache.step``;
 ``fwd_bwd``    the whole ``GradCache.step`` when the cache is off (one plain step);
 ``step``       ``engine.optimizer_step()``.
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlscale.gradcache.transfer import chunk_to
 from vlscale.memory.tracker import MemoryTracker
 
 
@@ -65,6 +68,8 @@ class StepPhases:
                     self.tracker.switch("loss")
                 return loss_fn(embs)
 
+            if not plain:  # pass 3 starts where its first chunk's inputs are made
+                kwargs["feed"] = self._tracked_feed(kwargs.get("feed") or chunk_to)
             self.tracker.begin("fwd_bwd" if plain else "embed")
             try:
                 return step(inputs, loss_fn if plain else tracked_loss, *args, **kwargs)
@@ -92,6 +97,14 @@ class StepPhases:
         engine.optimizer_step = tracked_optimizer_step
         module.register_forward_pre_hook(pre_forward)
         return self
+
+    def _tracked_feed(self, feed: Any) -> Any:
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            if self.tracker.active == "loss" and torch.is_grad_enabled():
+                self.tracker.switch("reforward")
+            return feed(*args, **kwargs)
+
+        return tracked
 
     def _open_tracking(self) -> None:
         # One tracking window over all recorded steps: what a step re-creates (e.g. DeepSpeed's
