@@ -252,14 +252,11 @@ def predict_memory(
             FSDP2) only when a gradient already exists, i.e. from a tower's second chunk on.
         grads_persistent: the gradients' storage lives across steps (DeepSpeed ZeRO-3's flat
             partition buffer); otherwise it is created by the backward and freed by the step.
-        grads_unreduced: gradient cache under DeepSpeed ZeRO-1/2 with coalesced reduction
-            (``engine.coalesce_grad_reduction``, what :class:`~vlscale.engines.DeepSpeedEngine` uses):
-            the chunk backwards leave every rank's whole gradients (Ψ × grad bytes) on the parameters,
-            and one reduction after the last of them fills the reduce bucket and then the gradient
-            partition. The reforward phase then holds the whole gradients, the embedding grads, and
-            the larger of a chunk's backward (inputs, activations, transient) and the bucket (the
-            activations are freed by the reduction): measured on the CPU demo (ZeRO-2, 2 ranks),
-            the phase's peak is the whole gradients plus the Ψ-element bucket at the reduction.
+        grads_unreduced: gradient cache under DeepSpeed ZeRO-1/2's coalesced reduction (what
+            :class:`~vlscale.engines.DeepSpeedEngine` uses): the chunk backwards leave each rank's
+            whole gradients (Ψ × grad bytes) on the parameters; one reduction after the last chunk,
+            its activations freed, fills the bucket, then the partition. Reforward then holds the
+            whole gradients plus the larger of a chunk's backward and the bucket (measured: docs/memory.md).
         gpu_sms: streaming multiprocessors of the GPU (the Triton forward's grid of partials).
         techniques: momentum contrast, hierarchical levels, MIM (:class:`TechniqueMemory`).
     """
