@@ -96,6 +96,25 @@ def test_hierarchical_outputs_take_the_named_layers(tiny: DualEncoder) -> None:
     tiny.train()
 
 
+def test_tower_outputs_are_never_views(tiny: DualEncoder) -> None:
+    """CLS pooling (h[:, 0]) makes views; FSDP2 warns that an in-place op on a wrapped module's view
+    output silently drops its pre-backward hook (wrong gradients). The towers return copies, the same
+    values, and gradients still flow."""
+    from vlscale.model.towers import owned
+
+    pixels = torch.randn(3, 3, 32, 32, requires_grad=True)
+    tokens, mask = text_batch(tiny, ["a red circle", "the left square", "a blue"])
+    for out in (tiny.visual(pixels), tiny.textual(tokens, mask)):
+        pooled, hier = out
+        assert not pooled._is_view() and hier and not any(h._is_view() for h in hier)
+    base = torch.randn(4, 5, requires_grad=True)
+    view = base[:, 0]
+    got = owned((view, [view, base]))
+    assert not got[0]._is_view() and torch.equal(got[0], view) and got[1][1] is base
+    got[0].sum().backward()
+    assert torch.equal(base.grad[:, 0], torch.ones(4))
+
+
 def test_hierarchical_on_a_cnn_pools_the_stage() -> None:
     torch.manual_seed(0)
     # image_size on a CNN: timm's ResNet takes no img_size, so it is built without one.

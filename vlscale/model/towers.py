@@ -127,7 +127,12 @@ class VisionTower(nn.Module):
                 mim_keep: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """(pooled feature, hierarchical features). ``extra`` (B, T, width): tokens appended after the
         patch tokens (ViCHA concepts; ``extra_mask`` marks padding with 0). ``mim_keep`` (B, K): run
-        the masked-image-modeling encoder on those patches instead: returns (latent tokens, [])."""
+        the masked-image-modeling encoder on those patches instead: returns (latent tokens, []).
+        Outputs are never views (:func:`owned`)."""
+        return owned(self._forward(pixels, extra, extra_mask, mim_keep))
+
+    def _forward(self, pixels: Tensor, extra: Tensor | None, extra_mask: Tensor | None,
+                 mim_keep: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         if mim_keep is not None:
             vit.check_vit(self.trunk, "masked image modeling")
             return vit.forward_masked(self.trunk, pixels, mim_keep), []
@@ -172,6 +177,18 @@ def _create_timm(cfg: ModelConfig) -> nn.Module:
                 continue  # this model has no img_size argument: build it without
             raise ValueError(f"vision_model {cfg.vision_model!r} rejects {kw}: {err}") from None
     raise AssertionError("unreachable")
+
+
+def owned(out: Any) -> Any:
+    """``out`` (a tensor, or tuples / lists of them) with every view replaced by a copy. A tower's
+    output that is a view (a CLS token ``h[:, 0]``) trips FSDP2: an in-place op on it downstream would
+    silently drop FSDP's pre-backward hook (its all-gather) and give wrong gradients. The copy is one
+    (B, width) row per output."""
+    if isinstance(out, Tensor):
+        return out.clone() if out._is_view() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(owned(o) for o in out)
+    return out
 
 
 def _pool_vision(feat: Tensor | tuple[Tensor, Tensor]) -> Tensor:
@@ -243,7 +260,12 @@ class TextTower(nn.Module):
     def forward(self, tokens: Tensor, attention_mask: Tensor | None, *,
                 prefix_layers: int | None = None) -> tuple[Tensor, list[Tensor]]:
         """(pooled feature, hierarchical features); with ``prefix_layers`` = n: every token's state
-        (B, L, width) after the embeddings and the first n layers only (ViCHA concept tokens)."""
+        (B, L, width) after the embeddings and the first n layers only (ViCHA concept tokens).
+        Outputs are never views (:func:`owned`)."""
+        return owned(self._forward(tokens, attention_mask, prefix_layers))
+
+    def _forward(self, tokens: Tensor, attention_mask: Tensor | None,
+                 prefix_layers: int | None) -> tuple[Tensor, list[Tensor]]:
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
         if prefix_layers is not None:
