@@ -1,14 +1,13 @@
 """Peak memory per phase of real training steps, observed from outside the gradient cache.
 
 :class:`StepPhases` wraps three calls a training loop already makes — ``GradCache.step``, the loss
-function it passes in, and ``engine.optimizer_step`` — plus a forward pre-hook on the model, and
+function it passes in, the feed that makes each chunk's inputs, and ``engine.optimizer_step`` — and
 switches a :class:`~vlscale.memory.tracker.MemoryTracker` between the phases the memory model
 predicts (:mod:`vlscale.memory.model`):
 
 ``embed``      from the start of ``GradCache.step`` to the loss call (pass 1, no graph);
-``loss``       the loss and d(loss)/d(embeddings), up to pass 3's first chunk (its feed call, which
-               makes the chunk's device inputs — uint8 pixels normalised to float, host rows
-               copied — or, without a feed, the first forward with a graph);
+``loss``       the loss and d(loss)/d(embeddings), up to pass 3's first feed call (the chunk's
+               device inputs: uint8 pixels normalised to float, host rows copied);
 ``reforward``  pass 3, up to the end of ``GradCache.step``;
 ``fwd_bwd``    the whole ``GradCache.step`` when the cache is off (one plain step);
 ``step``       ``engine.optimizer_step()``.
@@ -25,7 +24,6 @@ import contextlib
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlscale.gradcache.transfer import chunk_to
 from vlscale.memory.tracker import MemoryTracker
@@ -46,9 +44,9 @@ class StepPhases:
         self._pending_step = False
 
     # -- wiring --------------------------------------------------------------------------------
-    def attach(self, *, gradcache: Any, engine: Any, module: nn.Module) -> StepPhases:
-        """Wrap ``gradcache.step``, ``engine.optimizer_step`` and hook ``module`` (instance attributes:
-        the classes are untouched). With ``steps=0`` nothing is wrapped."""
+    def attach(self, *, gradcache: Any, engine: Any) -> StepPhases:
+        """Wrap ``gradcache.step`` (and the feed it is given) and ``engine.optimizer_step`` (instance
+        attributes: the classes are untouched). With ``steps=0`` nothing is wrapped."""
         if self.steps == 0:
             return self
         step, optimizer_step = gradcache.step, engine.optimizer_step
@@ -89,13 +87,8 @@ class StepPhases:
                 if self.recorded and self.recorded[-1] == self.skip + self.steps - 1:
                     self._close_tracking()
 
-        def pre_forward(_module: nn.Module, _args: Any) -> None:
-            if self.tracker.active == "loss" and torch.is_grad_enabled():
-                self.tracker.switch("reforward")
-
         gradcache.step = tracked_step
         engine.optimizer_step = tracked_optimizer_step
-        module.register_forward_pre_hook(pre_forward)
         return self
 
     def _tracked_feed(self, feed: Any) -> Any:

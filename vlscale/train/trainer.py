@@ -109,7 +109,7 @@ class Trainer:
         # Peak memory per phase of a few steps, for memory.json (vlscale memory report).
         self.phase_memory = StepPhases(self.rt.device, steps=cfg.train.memory_phase_steps,
                                        backend=cfg.train.memory_backend).attach(
-            gradcache=self.gradcache, engine=self.engine, module=self.engine.module)
+            gradcache=self.gradcache, engine=self.engine)
         tok = self.model.tokenizer
         self.text_stats = TokenStats(tok) if tok is not None else None
         self._text_warned = False
