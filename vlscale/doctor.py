@@ -218,7 +218,8 @@ def render(rep: dict[str, Any]) -> str:
         lines.append(f"  {ds['version']} (accelerator {ds['accelerator']}); TORCH_CUDA_ARCH_LIST="
                      f"{ds['TORCH_CUDA_ARCH_LIST']}; toolkit {ds.get('toolkit', {}).get('version', '-')}")
         for name, op in ds["ops"].items():
-            used = f"  <- {op['used_for']}" if "used_for" in op else f"  <- {op['skipped']}" if "skipped" in op else ""
+            why = op.get("used_for") or op.get("skipped")
+            used = f"  <- {why}" if why else ""
             lines.append(f"  {name:<26} compatible {'yes' if op['compatible'] else 'NO ':<4} "
                          f"pre-built {'yes' if op['installed'] else 'no (JIT on first use)'}{used}")
         lines += [f"  note: {n}" for n in ds["notes"]]

@@ -48,7 +48,7 @@ def skip_cpu_shm_comm() -> bool:
 
 
 def _mapped_paths() -> set[str]:
-    """Every file under any /dev/shm-like directory that a live process maps or holds open."""
+    """The path of every file a live process (that this user may inspect) maps or holds open."""
     seen: set[str] = set()
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:

@@ -145,7 +145,7 @@ def check_host_memory(cfg: Any, world_size: int, *, memory: tuple[int, int] | No
     if cfg.data.num_workers:
         fixes.append("fewer data.num_workers or a lower data.prefetch_factor")
     fixes.append("more nodes (fewer ranks per node) or a smaller train.global_batch_size")
-    machine = f"{host}" if host else "this machine"
+    machine = host or "this machine"
     where = (f"{ranks} rank(s) on {machine}, each holding {est['formula']} = "
              f"{est['bytes_per_rank'] / GB:.1f} GB")
     if est["min_bytes_per_rank"] * ranks > total:

@@ -334,7 +334,8 @@ def predict_memory(
                   "step": [*base, "gradients", "optimizer step transient"]}
         if unreduced:
             phases["reforward"] = [*base, "gradients", "unreduced gradients beyond the partition",
-                                   "reduce bucket beyond the backward", *backward[1:], "embedding grads"]
+                                   "reduce bucket beyond the backward",
+                                   *(c for c in backward if c != "engine buffers"), "embedding grads"]
     extra = tech.components(b_local=b_local, rows=rows, d=d, nograd_per_row=nograd_act_bytes_per_row,
                             reforward_rows=rows)
     if tech.momentum:  # the key pass runs before the step's first phase

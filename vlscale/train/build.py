@@ -70,10 +70,10 @@ def build_zero3(cfg: Config, ds_config: dict[str, Any]) -> DualEncoder:
         raise ValueError("a ZeRO-3 build needs torch.distributed initialised (init_runtime does it)")
     if zero_stage_of(ds_config) != 3:
         raise ValueError(f"build_zero3 needs a ZeRO stage 3 ds_config, got stage {zero_stage_of(ds_config)}")
+    skip_cpu_shm_comm()  # zero.Init below starts deepspeed.comm
     # transformers reads the config through a weak reference: it is ZeRO-3-aware only while this
     # object lives. It is dropped after construction so later HF calls in the process (another
     # model, evaluation) are not silently partitioned.
-    skip_cpu_shm_comm()
     hf_ds = HfDeepSpeedConfig(_init_config(ds_config))
     try:
         model = DualEncoder(cfg.model)
